@@ -1,0 +1,249 @@
+"""The nursery tree: every long-running part of kap, owned by one root nursery.
+
+::
+
+    App.run                         root nursery
+    ├── App._signals                SIGTERM/SIGINT -> Proxy.stop_accepting(grace)
+    ├── Relay.run                   the byte pump: one epoll set for every relayed socket
+    ├── HealthServer.run            /healthz /readyz /upstreams /metrics (h11)
+    ├── ProbeScheduler.run          probe nursery: one jittered /readyz loop per upstream
+    ├── App._housekeeping           removal grace expiry, drain of dead upstreams
+    ├── EndpointSliceWatcher.run    discovery: list + watch default/kubernetes slices
+    └── Proxy.run                   accept loop + forwarding nursery:
+                                    one task and cancel scope per client connection
+
+Start order is the list's; kap accepts clients only once the pump, the health
+server and the first probes are running. ``Proxy.run`` returning (after a
+signal and the drain) ends everything else.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from typing import Any
+
+import attrs
+import trio
+from loguru import logger
+
+from kap import __version__, fallback
+from kap.address import Address
+from kap.config import Config
+from kap.credentials import CredentialFiles
+from kap.health import HealthServer
+from kap.pool import SOURCE_FILE, SOURCE_FLAG, Change, Pool
+from kap.probe import Prober, ProbeScheduler
+from kap.proxy import Proxy
+from kap.relay import Relay
+from kap.report import Counters, metrics_registry, metrics_text, upstreams_json
+from kap.sockets import TcpOptions
+
+# How often housekeeping looks for expired removals and dead upstreams to drain.
+HOUSEKEEPING_PERIOD = 1.0
+# Closes of a drained upstream's connections are spread over this many
+# seconds with jitter, so a node's watches do not all reconnect in one burst.
+DRAIN_SPREAD = 3.0
+MEMBERSHIP_KINDS = frozenset({"added", "removed"})
+
+
+@attrs.define
+class Bound:
+    """Where kap listens, once it does (for tests and the start-up log)."""
+
+    proxy: Address
+    health: Address
+
+
+@attrs.define
+class App:
+    config: Config
+    rng: random.Random = attrs.field(factory=random.Random)
+    pool: Pool = attrs.field(init=False)
+    relay: Relay = attrs.field(init=False)
+    proxy: Proxy = attrs.field(init=False)
+    probes: ProbeScheduler = attrs.field(init=False)
+    health: HealthServer = attrs.field(init=False)
+    credentials: CredentialFiles = attrs.field(init=False)
+    discovery: Any = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        c = self.config
+        self.pool = Pool(removal_grace=c.removal_grace, default_service=c.default_service)
+        self.relay = Relay()
+        self.credentials = CredentialFiles(c.credentials)
+        self.proxy = Proxy(
+            host=c.listen_addr,
+            port=c.listen_port,
+            pool=self.pool,
+            relay=self.relay,
+            options=TcpOptions(c.keepalive_period, c.tcp_user_timeout),
+            dial_timeout=c.dial_timeout,
+            on_changes=self.on_changes,
+            rng=self.rng,
+        )
+        self.probes = ProbeScheduler(
+            pool=self.pool,
+            prober=Prober(self.credentials, c.tls_server_name),
+            interval=c.health_interval,
+            timeout=c.health_timeout,
+            jitter=c.health_jitter,
+            on_changes=self.on_changes,
+            rng=self.rng,
+        )
+        counters = Counters(
+            accepted_total=lambda: self.proxy.stats.accepted_total,
+            no_upstream_total=lambda: self.proxy.stats.no_upstream_total,
+            failovers_total=lambda: self.proxy.stats.failovers_total,
+            active_connections=lambda: self.proxy.active,
+            bytes_up=lambda: self.relay.bytes_up,
+            bytes_down=lambda: self.relay.bytes_down,
+            discovery=lambda: None if self.discovery is None else self.discovery.status(),
+        )
+        registry = metrics_registry(self.pool, counters)
+        self.health = HealthServer(
+            host=c.health_host,
+            port=c.health_port,
+            routes={
+                "/healthz": lambda: ("text/plain", b"ok\n"),
+                "/readyz": lambda: ("text/plain", b"ok\n"),
+                "/upstreams": lambda: (
+                    "application/json",
+                    upstreams_json(self.pool, counters, trio.current_time()),
+                ),
+                "/metrics": lambda: (
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    metrics_text(registry),
+                ),
+            },
+        )
+
+    # ---- membership and logging -------------------------------------------
+
+    def on_changes(self, changes: list[Change]) -> None:
+        """Log what changed about upstreams; follow membership changes with the probes."""
+        for ch in changes:
+            log = logger.bind(upstream=str(ch.address), reason=ch.reason)
+            if ch.kind == "healthy":
+                log.info("upstream healthy")
+            elif ch.kind == "unhealthy":
+                log.warning("upstream unhealthy")
+            elif ch.kind == "tier":
+                log.info("upstream tier changed")
+            elif ch.kind == "auth":
+                log.warning("upstream refuses kap's credentials; counted as alive")
+            else:
+                log.info(f"upstream {ch.kind}")
+        if any(ch.kind in MEMBERSHIP_KINDS for ch in changes):
+            self.probes.sync()
+
+    def set_source(self, source: str, addresses: list[Address]) -> None:
+        self.on_changes(self.pool.set_source(source, addresses, now=trio.current_time()))
+
+    def load_static_sources(self) -> None:
+        c = self.config
+        self.set_source(SOURCE_FLAG, list(c.fallback_upstreams))
+        if c.fallback_file is not None:
+            try:
+                addresses, skipped = fallback.read(c.fallback_file)
+            except fallback.FallbackFileError as e:
+                logger.bind(path=c.fallback_file, error=str(e)).error("ignoring the fallback file")
+                return
+            for why in skipped:
+                logger.bind(path=c.fallback_file, error=why).warning("skipping a fallback entry")
+            self.set_source(SOURCE_FILE, addresses)
+
+    # ---- the tree ----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
+        c = self.config
+        for line in c.warnings:
+            logger.warning(line)
+        if not self.credentials.verifies:
+            logger.warning(
+                "no CA file: probes cannot verify the apiserver certificates "
+                "(give --ca-file, or run in a pod with a ServiceAccount)"
+            )
+        async with trio.open_nursery() as root:
+            root.start_soon(self._signals)
+            await root.start(self.relay.run)
+            health = await root.start(self.health.run)
+            self.load_static_sources()
+            await root.start(self.probes.run)
+            root.start_soon(self._housekeeping)
+            if self.discovery is not None:
+                await root.start(self.discovery.run)
+            self._root = root
+            proxy = await root.start(self._serve_clients)
+            bound = Bound(proxy=proxy, health=health)
+            logger.bind(
+                version=__version__,
+                listen=str(proxy),
+                health=str(health),
+                upstreams=[str(a) for a in self.pool.addresses()],
+                default_service=None if c.default_service is None else str(c.default_service),
+                credentials=c.credentials.origin,
+                tls_server_name=c.tls_server_name,
+                health_interval=c.health_interval,
+                health_timeout=c.health_timeout,
+                dial_timeout=c.dial_timeout,
+                discovery=self.discovery is not None,
+            ).info("kap started")
+            task_status.started(bound)
+        logger.info("kap stopped")
+
+    _root: trio.Nursery | None = attrs.field(default=None, init=False)
+
+    async def _serve_clients(
+        self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The proxy; when it is done (stopped and drained), so is everything else."""
+        try:
+            await self.proxy.run(task_status=task_status)
+        finally:
+            if self._root is not None:
+                self._root.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            grace = self.config.shutdown_grace
+            async for signum in signals:
+                logger.bind(signal=signal.Signals(signum).name, grace_s=grace).info(
+                    "shutting down: no new connections; open ones may finish"
+                )
+                self.stop(grace)
+                grace = 0.0  # a second signal cuts the drain short
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting; give open connections ``grace`` seconds; then exit."""
+        self.proxy.stop_accepting(grace)
+
+    async def _housekeeping(self) -> None:
+        draining: set[Address] = set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(HOUSEKEEPING_PERIOD)
+                now = trio.current_time()
+                gone = self.pool.expire(now)
+                for up in gone:
+                    logger.bind(upstream=str(up.address)).info("upstream removed")
+                    nursery.start_soon(self._drain, up.address, DRAIN_SPREAD, draining)
+                if gone:
+                    self.probes.sync()
+                # Drain only when there is somewhere better to go: with every
+                # upstream down, the connections kap holds are the best it has.
+                if self.config.drain_after > 0 and self.pool.usable():
+                    for up in self.pool.unhealthy_for(now, self.config.drain_after):
+                        if up.address not in draining:
+                            logger.bind(upstream=str(up.address)).warning(
+                                "closing the connections of an unhealthy upstream",
+                                connections=up.active_connections,
+                            )
+                            nursery.start_soon(self._drain, up.address, DRAIN_SPREAD, draining)
+
+    async def _drain(self, address: Address, spread: float, draining: set[Address]) -> None:
+        draining.add(address)
+        try:
+            await self.proxy.close_connections(address, spread=spread)
+        finally:
+            draining.discard(address)

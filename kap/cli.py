@@ -1,0 +1,96 @@
+"""``kap``: the command line. Flags beat environment variables beat defaults.
+
+Every flag is a plain string here; ``kap.config.parse_config`` checks them all
+at once, so one run reports every bad value (one line each, naming the flag
+and its env var) and exits with status 2 before binding anything.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+import trio
+
+from kap import __version__, logs
+from kap.config import OPTIONS, ConfigError, Option, parse_config
+
+
+def readable(path: str) -> str | None:
+    """None when ``path`` is a readable regular file, else why not."""
+    try:
+        if not os.path.isfile(path):
+            return "no such file" if not os.path.exists(path) else "not a regular file"
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def _click_option(opt: Option) -> Any:
+    default = "(unset)" if opt.default is None else (opt.default or '""')
+    help_text = f"{opt.help}  [env {opt.env}; default {default}]"
+    if opt.kind == "bool":
+        return click.option(
+            *opt.flags,
+            opt.name,
+            envvar=opt.env,
+            default=None,
+            is_flag=False,
+            flag_value="true",
+            help=help_text,
+            metavar="[=BOOL]",
+        )
+    return click.option(
+        *opt.flags, opt.name, envvar=opt.env, default=None, help=help_text, metavar="VALUE"
+    )
+
+
+def run(no_discovery: bool, **values: str | None) -> None:
+    """Parse the flags, set up logging, run the nursery tree until a signal."""
+    if no_discovery:
+        values["discovery"] = "false"
+    try:
+        config = parse_config(values, environ=os.environ, readable=readable)
+    except ConfigError as e:
+        for line in e.problems:
+            click.echo(f"kap: {line}", err=True)
+        sys.exit(2)
+    logs.setup(config.log_level)
+    from kap.app import App  # after the flags: a bad flag exits before the heavy imports
+
+    failed: list[OSError] = []
+    try:
+        trio.run(App(config).run)
+    except* OSError as group:
+        failed.extend(e for e in group.exceptions if isinstance(e, OSError))
+    if failed:
+        from loguru import logger
+
+        for err in failed:
+            logger.bind(error=err.strerror or str(err)).error("kap cannot start")
+        sys.exit(1)
+
+
+def _command() -> click.Command:
+    func: Any = run
+    for opt in reversed(OPTIONS):
+        func = _click_option(opt)(func)
+    func = click.option(
+        "--no-discovery",
+        "no_discovery",
+        is_flag=True,
+        default=False,
+        help="Same as --discovery=false.",
+    )(func)
+    func = click.version_option(__version__, prog_name="kap")(func)
+    return click.command(
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+        help="Node-local TCP load balancer for Kubernetes API servers.",
+    )(func)
+
+
+main = _command()

@@ -1,0 +1,384 @@
+"""The upstream pool: who is usable, in which tier, and who serves the next client.
+
+Pure logic: no sockets, no clocks, no randomness of its own. Every method that
+depends on time takes ``now``; probe results and dial failures come in as
+calls, decisions go out as return values. The rules, which the tests hold it to:
+
+* Score: clamped to [-3, +3], a new upstream starts at +1; a successful probe
+  adds 1, a failed probe or a failed client dial subtracts 1.
+* Usable: at least one successful probe since the upstream joined, and a score
+  >= 0. (go-loadbalancer lets never-probed upstreams take traffic; kap does
+  not, so a freshly discovered but dead address never gets a client.)
+* Tier: from the latency of the last successful probe, on decade thresholds
+  100us, 1ms, 10ms, 100ms, 1s (tiers 0..5). Unlike go-loadbalancer, a tier
+  only changes once the latency is clearly past a boundary (``HYSTERESIS``),
+  so an upstream whose latency sits on a boundary does not flap between tiers.
+  A failed probe keeps the tier.
+* Pick: the lowest tier that has a usable upstream wins; round-robin inside it
+  with one cursor per tier. Reading state (``upstreams``, ``usable``) never
+  moves a cursor.
+* Candidates for one client: the pick, then the other usable upstreams (best
+  tier first), then the default Kubernetes Service, then every other upstream
+  by score ("panic mode"): kap never refuses a client while something might
+  answer.
+* Membership is the union of named sources (flags, fallback file, discovery).
+  An upstream that loses its last source is removed after a grace period, so
+  an apiserver briefly missing from an EndpointSlice keeps its connections;
+  an empty update from a source is ignored, so a bad discovery result never
+  empties the pool.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+import attrs
+
+from kap.address import Address
+
+SCORE_MIN = -3  # go-loadbalancer upstream.List defaults (peers.md b)
+SCORE_MAX = 3
+SCORE_INITIAL = 1
+
+# Lower bounds of tiers 1..5 in seconds: go-loadbalancer's calcTier decades.
+TIER_THRESHOLDS = (100e-6, 1e-3, 10e-3, 100e-3, 1.0)
+MAX_TIER = len(TIER_THRESHOLDS)
+# A tier boundary must be passed by this factor before the tier changes: 1.5
+# keeps a 0.9-1.1 ms jitter around the 1 ms boundary in one tier while a real
+# 10x change still moves at once.
+HYSTERESIS = 1.5
+
+# Buckets of kap_upstream_probe_duration_seconds: the tier boundaries and the
+# steps between them, up to the largest sensible --health-timeout.
+PROBE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+# Source names, as /upstreams shows them.
+SOURCE_FLAG = "flag"
+SOURCE_FILE = "file"
+SOURCE_DISCOVERY = "discovery"
+SOURCE_KUBECONFIG = "kubeconfig"
+
+
+def raw_tier(latency: float) -> int:
+    """The decade tier of a latency, without hysteresis."""
+    return bisect.bisect_right(TIER_THRESHOLDS, latency)
+
+
+def next_tier(current: int | None, latency: float) -> int:
+    """The tier after a successful probe of ``latency`` seconds.
+
+    Moving up needs the latency to be ``HYSTERESIS`` times past the boundary,
+    moving down needs it ``HYSTERESIS`` times under it; in between the tier
+    stays. The first measurement sets the raw tier.
+    """
+    if current is None:
+        return raw_tier(latency)
+    up = bisect.bisect_right(TIER_THRESHOLDS, latency / HYSTERESIS)
+    down = bisect.bisect_right(TIER_THRESHOLDS, latency * HYSTERESIS)
+    if up > current:
+        return up
+    if down < current:
+        return down
+    return current
+
+
+@attrs.frozen
+class Change:
+    """Something about an upstream an operator wants in the log."""
+
+    address: Address
+    kind: str  # "healthy" | "unhealthy" | "tier" | "added" | "removed" | "removing" | "kept"
+    reason: str
+
+
+@attrs.define(eq=False)
+class Upstream:
+    """Everything kap knows about one apiserver address."""
+
+    address: Address
+    sources: set[str] = attrs.field(factory=set)
+    score: int = SCORE_INITIAL
+    tier: int | None = None
+    probed_ok: bool = False
+    latency: float | None = None
+    last_error: str | None = None
+    auth_refused: bool = False
+    # The last failure was an HTTP answer (a /readyz 500 of an apiserver that is
+    # shutting down): it is alive and closes its own connections, so kap does
+    # not drain them. Timeouts and connection errors leave this False.
+    failing_answered: bool = False
+    last_probe_at: float | None = None
+    unhealthy_since: float | None = None
+    remove_at: float | None = None
+    active_connections: int = 0
+    connections_total: int = 0
+    dial_failures_total: int = 0
+    probes_total: int = 0
+    probe_failures_total: int = 0
+    probe_buckets: list[int] = attrs.field(factory=lambda: [0] * len(PROBE_BUCKETS))
+    probe_sum: float = 0.0
+    probe_count: int = 0
+    order: int = 0  # insertion order: round-robin and report order
+
+    @property
+    def usable(self) -> bool:
+        return self.probed_ok and self.score >= 0
+
+    def observe_probe_duration(self, seconds: float) -> None:
+        i = bisect.bisect_left(PROBE_BUCKETS, seconds)
+        if i < len(self.probe_buckets):
+            self.probe_buckets[i] += 1
+        self.probe_sum += seconds
+        self.probe_count += 1
+
+
+@attrs.define
+class Pool:
+    """The upstream set and the selection among it."""
+
+    removal_grace: float = 30.0
+    default_service: Address | None = None
+    _members: dict[Address, Upstream] = attrs.field(factory=dict, alias="_members")
+    _cursors: dict[int, int] = attrs.field(factory=dict, alias="_cursors")
+    _next_order: int = attrs.field(default=0, alias="_next_order")
+
+    # ---- reading (no side effects) ----------------------------------------
+
+    @property
+    def upstreams(self) -> tuple[Upstream, ...]:
+        return tuple(sorted(self._members.values(), key=lambda u: u.order))
+
+    def get(self, address: Address) -> Upstream | None:
+        return self._members.get(address)
+
+    def __contains__(self, address: object) -> bool:
+        return address in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def usable(self) -> list[Upstream]:
+        """Usable upstreams, best tier first, in insertion order within a tier."""
+        return sorted(
+            (u for u in self._members.values() if u.usable),
+            key=lambda u: (u.tier if u.tier is not None else MAX_TIER, u.order),
+        )
+
+    def best_tier(self) -> int | None:
+        tiers = [u.tier for u in self._members.values() if u.usable and u.tier is not None]
+        return min(tiers) if tiers else None
+
+    # ---- selection ---------------------------------------------------------
+
+    def pick(self) -> Upstream | None:
+        """The next upstream for a client: lowest usable tier, round-robin inside it."""
+        usable = self.usable()
+        if not usable:
+            return None
+        tier = usable[0].tier if usable[0].tier is not None else MAX_TIER
+        group = [u for u in usable if (u.tier if u.tier is not None else MAX_TIER) == tier]
+        cursor = self._cursors.get(tier, 0)
+        self._cursors[tier] = cursor + 1
+        return group[cursor % len(group)]
+
+    def candidates(self) -> list[Address]:
+        """Addresses to try for one client, in order (see the module docstring)."""
+        first = self.pick()
+        out: list[Address] = []
+        if first is not None:
+            out.append(first.address)
+            out.extend(u.address for u in self.usable() if u is not first)
+        if self.default_service is not None and self.default_service not in out:
+            out.append(self.default_service)
+        rest = sorted(
+            (u for u in self._members.values() if not u.usable),
+            key=lambda u: (-u.score, u.order),
+        )
+        out.extend(u.address for u in rest if u.address not in out)
+        return out
+
+    # ---- health ------------------------------------------------------------
+
+    def record_probe(
+        self,
+        address: Address,
+        *,
+        ok: bool,
+        now: float,
+        latency: float | None = None,
+        duration: float | None = None,
+        error: str | None = None,
+        auth_refused: bool = False,
+        answered: bool = False,
+    ) -> list[Change]:
+        """Apply one probe result. ``latency`` (seconds) sets the tier on success.
+
+        ``answered``: a failed probe got an HTTP answer (not a timeout or a
+        connection error).
+        """
+        up = self._members.get(address)
+        if up is None:  # removed while the probe was in flight
+            return []
+        was_usable, old_tier = up.usable, up.tier
+        up.probes_total += 1
+        up.last_probe_at = now
+        if duration is not None:
+            up.observe_probe_duration(duration)
+        changes: list[Change] = []
+        if ok:
+            up.score = min(SCORE_MAX, up.score + 1)
+            up.probed_ok = True
+            up.last_error = error if auth_refused else None
+            if auth_refused and not up.auth_refused:
+                changes.append(Change(address, "auth", error or "credentials refused"))
+            up.auth_refused = auth_refused
+            if latency is not None:
+                up.latency = latency
+                up.tier = next_tier(up.tier, latency)
+        else:
+            up.probe_failures_total += 1
+            up.failing_answered = answered
+            up.score = max(SCORE_MIN, up.score - 1)
+            up.last_error = error or "probe failed"
+        changes.extend(self._after(up, was_usable, old_tier, now, error or "probe failed"))
+        return changes
+
+    def record_dial_failure(self, address: Address, *, now: float, error: str) -> list[Change]:
+        """Passive health: a client's dial to this upstream failed."""
+        up = self._members.get(address)
+        if up is None:
+            return []
+        was_usable, old_tier = up.usable, up.tier
+        up.dial_failures_total += 1
+        up.failing_answered = False
+        up.score = max(SCORE_MIN, up.score - 1)
+        up.last_error = f"dial: {error}"
+        return self._after(up, was_usable, old_tier, now, f"dial failed: {error}")
+
+    def _after(
+        self, up: Upstream, was_usable: bool, old_tier: int | None, now: float, why: str
+    ) -> list[Change]:
+        out: list[Change] = []
+        if up.usable and not was_usable:
+            up.unhealthy_since = None
+            out.append(Change(up.address, "healthy", f"score {up.score}"))
+        elif was_usable and not up.usable:
+            up.unhealthy_since = now
+            out.append(Change(up.address, "unhealthy", f"{why} (score {up.score})"))
+        elif not up.usable and up.unhealthy_since is None:
+            # A new upstream whose first probes fail: say so once.
+            up.unhealthy_since = now
+            out.append(Change(up.address, "unhealthy", f"{why} (score {up.score})"))
+        if old_tier is not None and up.tier != old_tier:
+            out.append(
+                Change(
+                    up.address,
+                    "tier",
+                    f"tier {old_tier} -> {up.tier} (latency {(up.latency or 0) * 1e3:.3f} ms)",
+                )
+            )
+        return out
+
+    def connection_opened(self, address: Address) -> None:
+        up = self._members.get(address)
+        if up is not None:
+            up.active_connections += 1
+            up.connections_total += 1
+
+    def connection_closed(self, address: Address) -> None:
+        up = self._members.get(address)
+        if up is not None and up.active_connections > 0:
+            up.active_connections -= 1
+
+    def unhealthy_for(self, now: float, at_least: float) -> list[Upstream]:
+        """Unreachable (not merely not-ready) for ``at_least`` seconds, and still with clients."""
+        return [
+            u
+            for u in self._members.values()
+            if u.unhealthy_since is not None
+            and not u.failing_answered
+            and now - u.unhealthy_since >= at_least
+            and u.active_connections > 0
+        ]
+
+    # ---- membership --------------------------------------------------------
+
+    def set_source(
+        self, source: str, addresses: Iterable[Address], *, now: float, allow_empty: bool = False
+    ) -> list[Change]:
+        """Make ``addresses`` the full set of ``source``; others lose that source.
+
+        An empty set is ignored unless ``allow_empty`` (an empty discovery
+        result is far more likely a fault than a control plane with no
+        apiservers). Upstreams left with no source are removed after
+        ``removal_grace``; see ``expire``.
+        """
+        wanted = list(dict.fromkeys(addresses))
+        if not wanted and not allow_empty:
+            return (
+                []
+                if not any(source in u.sources for u in self._members.values())
+                else [
+                    Change(u.address, "kept", f"empty {source} update ignored")
+                    for u in self._members.values()
+                    if source in u.sources
+                ]
+            )
+        changes: list[Change] = []
+        for addr in wanted:
+            up = self._members.get(addr)
+            if up is None:
+                up = Upstream(addr, order=self._next_order)
+                self._next_order += 1
+                self._members[addr] = up
+                changes.append(Change(addr, "added", f"from {source}"))
+            elif up.remove_at is not None:
+                up.remove_at = None
+                changes.append(Change(addr, "kept", f"back in {source}, removal cancelled"))
+            up.sources.add(source)
+        keep = set(wanted)
+        for up in self._members.values():
+            if source in up.sources and up.address not in keep:
+                up.sources.discard(source)
+                if not up.sources and up.remove_at is None:
+                    up.remove_at = now + self.removal_grace
+                    changes.append(
+                        Change(
+                            up.address,
+                            "removing",
+                            f"gone from {source}; removed in "
+                            f"{self.removal_grace:g}s unless it returns",
+                        )
+                    )
+        return changes
+
+    def expire(self, now: float) -> list[Upstream]:
+        """Remove upstreams whose removal grace has passed; return them (to close their clients)."""
+        gone = [u for u in self._members.values() if u.remove_at is not None and u.remove_at <= now]
+        for u in gone:
+            del self._members[u.address]
+        return gone
+
+    def next_expiry(self) -> float | None:
+        times = [u.remove_at for u in self._members.values() if u.remove_at is not None]
+        return min(times) if times else None
+
+    def addresses(self, source: str | None = None) -> list[Address]:
+        return [u.address for u in self.upstreams if source is None or source in u.sources]

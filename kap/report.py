@@ -1,0 +1,208 @@
+"""What ``/upstreams`` and ``/metrics`` show: rendered from the state, read-only.
+
+Nothing here changes the pool (go-loadbalancer's ``IsRouteHealthy`` advanced
+the round-robin cursor on every health query; kap's reports never do). The
+Prometheus side is a custom collector over a private registry, so there is no
+global metrics state and a scrape costs one pass over the upstreams.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from kap.pool import PROBE_BUCKETS, Pool, Upstream
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@attrs.define
+class Counters:
+    """Process-wide counters that live outside the pool (filled in by the app)."""
+
+    accepted_total: Callable[[], int] = lambda: 0
+    no_upstream_total: Callable[[], int] = lambda: 0
+    failovers_total: Callable[[], int] = lambda: 0
+    active_connections: Callable[[], int] = lambda: 0
+    bytes_up: Callable[[], int] = lambda: 0
+    bytes_down: Callable[[], int] = lambda: 0
+    discovery: Callable[[], dict[str, Any] | None] = lambda: None
+
+
+def upstream_view(u: Upstream, now: float) -> dict[str, Any]:
+    return {
+        "address": str(u.address),
+        "sources": sorted(u.sources),
+        "healthy": u.usable,
+        "probed": u.probed_ok,
+        "score": u.score,
+        "tier": u.tier,
+        "latency_ms": None if u.latency is None else round(u.latency * 1e3, 3),
+        "last_error": u.last_error,
+        "auth_refused": u.auth_refused,
+        "active_connections": u.active_connections,
+        "connections_total": u.connections_total,
+        "dial_failures_total": u.dial_failures_total,
+        "probes_total": u.probes_total,
+        "probe_failures_total": u.probe_failures_total,
+        "unhealthy_for_s": None
+        if u.unhealthy_since is None
+        else round(max(0.0, now - u.unhealthy_since), 3),
+        "removal_in_s": None if u.remove_at is None else round(max(0.0, u.remove_at - now), 3),
+    }
+
+
+def upstreams_document(pool: Pool, counters: Counters, now: float) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "upstreams": [upstream_view(u, now) for u in pool.upstreams],
+        "fallback_service": None if pool.default_service is None else str(pool.default_service),
+        "best_tier": pool.best_tier(),
+        "connections": {
+            "active": counters.active_connections(),
+            "accepted_total": counters.accepted_total(),
+            "no_upstream_total": counters.no_upstream_total(),
+            "failovers_total": counters.failovers_total(),
+        },
+        "bytes": {"up": counters.bytes_up(), "down": counters.bytes_down()},
+    }
+    discovery = counters.discovery()
+    if discovery is not None:
+        doc["discovery"] = discovery
+    return doc
+
+
+def upstreams_json(pool: Pool, counters: Counters, now: float) -> bytes:
+    return (json.dumps(upstreams_document(pool, counters, now), indent=2) + "\n").encode()
+
+
+@attrs.define(eq=False)
+class KapCollector:
+    """Prometheus collector reading the pool and the counters at scrape time."""
+
+    pool: Pool
+    counters: Counters
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        ups = self.pool.upstreams
+        label = ["upstream"]
+
+        def gauge(name: str, doc: str, value: Callable[[Upstream], float]) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=label)
+            for u in ups:
+                g.add_metric([str(u.address)], value(u))
+            return g
+
+        def counter(name: str, doc: str, value: Callable[[Upstream], float]) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=label)
+            for u in ups:
+                c.add_metric([str(u.address)], value(u))
+            return c
+
+        yield gauge(
+            "kap_upstream_healthy",
+            "1 if the upstream is usable for new connections.",
+            lambda u: float(u.usable),
+        )
+        yield gauge("kap_upstream_score", "Health score, -3..3; usable at >= 0.", lambda u: u.score)
+        yield gauge(
+            "kap_upstream_tier",
+            "Latency tier 0..5 (-1 before the first probe).",
+            lambda u: -1 if u.tier is None else u.tier,
+        )
+        yield gauge(
+            "kap_upstream_active_connections",
+            "Client connections open to the upstream.",
+            lambda u: u.active_connections,
+        )
+        yield counter(
+            "kap_upstream_connections",
+            "Client connections relayed to the upstream.",
+            lambda u: u.connections_total,
+        )
+        yield counter(
+            "kap_upstream_dial_failures",
+            "Failed client dials to the upstream.",
+            lambda u: u.dial_failures_total,
+        )
+        yield counter(
+            "kap_upstream_probe_failures",
+            "Failed /readyz probes.",
+            lambda u: u.probe_failures_total,
+        )
+        hist = HistogramMetricFamily(
+            "kap_upstream_probe_duration_seconds", "Duration of /readyz probes.", labels=label
+        )
+        for u in ups:
+            cumulative, buckets = 0, []
+            for bound, count in zip(PROBE_BUCKETS, u.probe_buckets, strict=True):
+                cumulative += count
+                buckets.append((_bound(bound), float(cumulative)))
+            buckets.append(("+Inf", float(u.probe_count)))
+            hist.add_metric([str(u.address)], buckets, u.probe_sum)
+        yield hist
+
+        c = self.counters
+        yield CounterMetricFamily(
+            "kap_connections_accepted", "Client connections accepted.", value=c.accepted_total()
+        )
+        yield CounterMetricFamily(
+            "kap_connections_no_upstream",
+            "Clients closed because no upstream answered.",
+            value=c.no_upstream_total(),
+        )
+        yield CounterMetricFamily(
+            "kap_connections_failover",
+            "Clients served by a later candidate after a failed dial.",
+            value=c.failovers_total(),
+        )
+        yield GaugeMetricFamily(
+            "kap_connections_active", "Client connections open.", value=c.active_connections()
+        )
+        b = CounterMetricFamily("kap_bytes", "Bytes relayed.", labels=["direction"])
+        b.add_metric(["up"], c.bytes_up())
+        b.add_metric(["down"], c.bytes_down())
+        yield b
+        yield GaugeMetricFamily("kap_upstreams", "Upstreams in the pool.", value=len(ups))
+        yield GaugeMetricFamily(
+            "kap_upstreams_healthy", "Usable upstreams.", value=sum(u.usable for u in ups)
+        )
+        discovery = c.discovery()
+        if discovery is not None:
+            yield CounterMetricFamily(
+                "kap_discovery_errors",
+                "Failed EndpointSlice lists and watches.",
+                value=discovery.get("errors_total", 0),
+            )
+            last = discovery.get("last_success_unix")
+            yield GaugeMetricFamily(
+                "kap_discovery_last_success_timestamp_seconds",
+                "Unix time of the last successful EndpointSlice list or watch event.",
+                value=0.0 if last is None else float(last),
+            )
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+def metrics_registry(pool: Pool, counters: Counters) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KapCollector(pool, counters))
+    return registry
+
+
+def metrics_text(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,141 @@
+"""Raw socket work for the data path: listeners, dials and per-socket options.
+
+kap uses plain non-blocking stdlib sockets on the hot path, not trio's stream
+wrappers: perf-facts.md measured ``open_tcp_stream`` plus the wrappers at about
+1 ms of CPU per connection. Waiting is still trio's (``wait_readable`` /
+``wait_writable``), so cancel scopes keep working as deadlines.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import attrs
+import trio
+
+from kap.address import Address
+
+# Backlog of the data listener: the kernel caps it at net.core.somaxconn
+# (4096 on current kernels); a node's clients reconnecting at once after an
+# apiserver restart must not see SYNs dropped.
+LISTEN_BACKLOG = 4096
+
+
+@attrs.frozen
+class TcpOptions:
+    """What kap sets on both sockets of a relayed connection."""
+
+    keepalive_period: float = 1.0
+    user_timeout: float = 5.0
+
+    def apply(self, sock: socket.socket) -> None:
+        """TCP_NODELAY, keepalive (idle = interval = period) and TCP_USER_TIMEOUT."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        period = max(1, round(self.keepalive_period))  # the kernel counts whole seconds
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, period)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, period)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(self.user_timeout * 1e3))
+            )
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def bind_listener(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
+    """A non-blocking listening socket on ``host:port`` ('' = every address).
+
+    SO_REUSEADDR so a restart binds at once; SO_REUSEPORT so a new kap can
+    bind while the old one still drains (hitless restart). '::' and '' listen
+    dual-stack (IPv4-mapped too), so 'localhost' resolving to ::1 or 127.0.0.1
+    both reach kap (the trap of Talos #8112).
+    """
+    if host == "":
+        host = "::" if socket.has_ipv6 and _ipv6_works() else "0.0.0.0"
+    family = family_of(host)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {Address(host, port)}: {e.strerror}") from e
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _ipv6_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def local_address(sock: socket.socket) -> Address:
+    host, port = sock.getsockname()[:2]
+    return Address(host, port)
+
+
+class DialError(OSError):
+    """A dial that failed; ``str()`` is one short line for logs and /upstreams."""
+
+
+async def dial(address: Address, options: TcpOptions) -> socket.socket:
+    """Connect a non-blocking socket to ``address``.
+
+    No timeout of its own: the caller wraps it in ``trio.fail_after``.
+
+    Raises:
+      DialError: refused, unreachable, reset, or the name did not resolve.
+
+    Cancellation: the half-open socket is closed.
+    """
+    if address.is_ip:
+        family, sockaddr = family_of(address.host), (address.host, address.port)
+    else:
+        try:
+            infos = await trio.socket.getaddrinfo(
+                address.host, address.port, type=socket.SOCK_STREAM
+            )
+        except OSError as e:
+            raise DialError(f"cannot resolve {address.host}: {e.strerror or e}") from None
+        if not infos:
+            raise DialError(f"cannot resolve {address.host}")
+        family, sockaddr = infos[0][0], (str(infos[0][4][0]), int(infos[0][4][1]))
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        options.apply(sock)
+        err = sock.connect_ex(sockaddr)
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise DialError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# Errors of accept() that mean "out of something, try again later"; trio's
+# serve_listeners survives the same set.
+ACCEPT_CAPACITY_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# Errors of accept() about one connection that died in the backlog.
+ACCEPT_SKIP_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})

@@ -1,0 +1,118 @@
+"""The health server against good, bad, slow and hostile clients, on real sockets."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from kap import health
+from kap.address import Address
+from kap.health import HealthServer
+
+
+async def start(nursery: trio.Nursery) -> Address:
+    server = HealthServer(
+        host="127.0.0.1",
+        port=0,
+        routes={
+            "/healthz": lambda: ("text/plain", b"ok\n"),
+            "/boom": lambda: 1 / 0,  # type: ignore[dict-item]
+        },
+    )
+    return await nursery.start(server.run)  # type: ignore[no-any-return]
+
+
+async def exchange(addr: Address, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``data``, read until the server closes or 1 s of silence."""
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(addr.host, addr.port)
+        async with stream:
+            await stream.send_all(data)
+            out = b""
+            while True:
+                with trio.move_on_after(1.0):
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return out
+                    out += chunk
+                    continue
+                return out
+
+
+async def status_of(addr: Address, request: bytes) -> int:
+    reply = await exchange(addr, request)
+    return int(reply.split(b" ", 2)[1])
+
+
+def get(path: str, method: str = "GET") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (get("/healthz"), 200),
+        (get("/healthz?verbose=1"), 200),
+        (get("/nope"), 404),
+        (get("/healthz", "POST"), 405),
+        (get("/healthz", "DELETE"), 405),
+        (get("/boom"), 500),
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    ],
+)
+async def test_answers(nursery: trio.Nursery, request_bytes: bytes, status: int) -> None:
+    addr = await start(nursery)
+    assert await status_of(addr, request_bytes) == status
+
+
+async def test_head_has_no_body(nursery: trio.Nursery) -> None:
+    addr = await start(nursery)
+    reply = await exchange(addr, get("/healthz", "HEAD"))
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"\r\n\r\n")
+
+
+async def test_keep_alive_serves_several_requests(nursery: trio.Nursery) -> None:
+    addr = await start(nursery)
+    req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = await exchange(addr, req * 3)
+    assert reply.count(b"HTTP/1.1 200") == 3
+
+
+async def test_binary_junk_costs_only_its_connection(nursery: trio.Nursery) -> None:
+    addr = await start(nursery)
+    await exchange(addr, bytes(range(256)) * 10)
+    assert await status_of(addr, get("/healthz")) == 200
+
+
+async def test_slowloris_is_cut_at_the_deadline_and_healthz_keeps_answering(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(health, "REQUEST_DEADLINE", 0.3)
+    addr = await start(nursery)
+    with trio.fail_after(5):
+        slow = await trio.open_tcp_stream(addr.host, addr.port)
+        await slow.send_all(b"GET /healthz HTTP/1.1\r\n")
+        assert await status_of(addr, get("/healthz")) == 200
+        start_t = trio.current_time()
+        for _ in range(10):  # dribble a header byte every 100 ms
+            try:
+                await slow.send_all(b"X")
+            except trio.BrokenResourceError:
+                break
+            await trio.sleep(0.1)
+        assert await slow.receive_some(100) == b""  # closed by the server
+        assert trio.current_time() - start_t < 2.0
+        await slow.aclose()
+
+
+async def test_idle_connections_beyond_the_cap_evict_the_oldest(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(health, "MAX_CONNECTIONS", 20)
+    addr = await start(nursery)
+    idle = [await trio.open_tcp_stream(addr.host, addr.port) for _ in range(50)]
+    await trio.sleep(0.2)
+    assert await status_of(addr, get("/healthz")) == 200
+    for s in idle:
+        await s.aclose()
