@@ -1,4 +1,4 @@
-"""kap's sessions: ``nox -s tests``, ``lint``, ``demo``, ``bench``, ``faults``.
+"""kap's sessions: ``nox -s tests``, ``lint``, ``faults``, ``demo``, ``bench``.
 
 Each session installs kap and what it needs into its own virtualenv (with the
 interpreter nox runs on), so a fresh machine needs only python3 with pip.
@@ -32,7 +32,29 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def faults(session: nox.Session) -> None:
+    """The fault-injection suite alone (tests/faults; ``tests`` runs it too).
+
+    Needs root and iproute2 + iptables for the black-hole test (skipped with
+    the reason otherwise). ``KAP_FAULTS_REPORT=path.json`` writes the figures.
+    """
+    session.install("-q", "-e", ".[test]")
+    session.run("pytest", "tests/faults", *session.posargs)
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """Three fake apiservers, kap in front, one killed mid-run; stops by itself."""
     session.install("-q", "-e", ".[test]")
     session.run("python", "hack/demo.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """kap side by side with no proxy and haproxy on loopback (bench/run.py; --quick: < 2 min).
+
+    Needs go (Debian golang-go) to build the load generator and haproxy for
+    the comparison column; says what is missing and runs what it can without.
+    """
+    session.install("-q", "-e", ".[test]")
+    session.run("python", "bench/run.py", *session.posargs)

@@ -8,7 +8,9 @@
     ├── HealthServer.run            /healthz /readyz /upstreams /metrics (h11)
     ├── ProbeScheduler.run          probe nursery: one jittered /readyz loop per upstream
     ├── App._housekeeping           removal grace expiry, drain of dead upstreams
-    ├── EndpointSliceWatcher.run    discovery: list + watch default/kubernetes slices
+    ├── EndpointSliceWatcher.run    discovery: list + watch default/kubernetes slices through
+    │                               an upstream the pool picks; the set -> App.on_discovered
+    │                               -> pool (source discovery) and the fallback file
     └── Proxy.run                   accept loop + forwarding nursery:
                                     one task and cancel scope per client connection
 
@@ -19,9 +21,9 @@ signal and the drain) ends everything else.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
-from typing import Any
 
 import attrs
 import trio
@@ -31,8 +33,10 @@ from kap import __version__, fallback
 from kap.address import Address
 from kap.config import Config
 from kap.credentials import CredentialFiles
+from kap.discovery import EndpointSliceWatcher
 from kap.health import HealthServer
-from kap.pool import SOURCE_FILE, SOURCE_FLAG, Change, Pool
+from kap.memory import TrimPolicy, release_free_memory
+from kap.pool import SOURCE_DISCOVERY, SOURCE_FILE, SOURCE_FLAG, SOURCE_KUBECONFIG, Change, Pool
 from kap.probe import Prober, ProbeScheduler
 from kap.proxy import Proxy
 from kap.relay import Relay
@@ -65,7 +69,7 @@ class App:
     probes: ProbeScheduler = attrs.field(init=False)
     health: HealthServer = attrs.field(init=False)
     credentials: CredentialFiles = attrs.field(init=False)
-    discovery: Any = attrs.field(default=None, init=False)
+    discovery: EndpointSliceWatcher | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -91,10 +95,19 @@ class App:
             on_changes=self.on_changes,
             rng=self.rng,
         )
+        if c.discovery:
+            self.discovery = EndpointSliceWatcher.from_config(
+                c,
+                pool=self.pool,
+                credentials=self.credentials,
+                on_update=self.on_discovered,
+                rng=self.rng,
+            )
         counters = Counters(
             accepted_total=lambda: self.proxy.stats.accepted_total,
             no_upstream_total=lambda: self.proxy.stats.no_upstream_total,
             failovers_total=lambda: self.proxy.stats.failovers_total,
+            passive_failures_total=lambda: self.proxy.stats.passive_failures_total,
             active_connections=lambda: self.proxy.active,
             bytes_up=lambda: self.relay.bytes_up,
             bytes_down=lambda: self.relay.bytes_down,
@@ -132,6 +145,9 @@ class App:
                 log.info("upstream tier changed")
             elif ch.kind == "auth":
                 log.warning("upstream refuses kap's credentials; counted as alive")
+            elif ch.kind == "suspect":
+                log.debug("upstream suspect until its next probe")
+                self.probes.poke(ch.address)
             else:
                 log.info(f"upstream {ch.kind}")
         if any(ch.kind in MEMBERSHIP_KINDS for ch in changes):
@@ -140,14 +156,43 @@ class App:
     def set_source(self, source: str, addresses: list[Address]) -> None:
         self.on_changes(self.pool.set_source(source, addresses, now=trio.current_time()))
 
+    def on_discovered(self, addresses: list[Address]) -> None:
+        """Discovery's new set: into the pool, and into the fallback file (kap's memory).
+
+        The file is rewritten in place (a hostPath mount cannot be renamed
+        over), only when its content changes, never with an empty list; a
+        write error is logged and discovery goes on. It is a small
+        synchronous write: it happens only when the control plane changes.
+        """
+        self.set_source(SOURCE_DISCOVERY, addresses)
+        path = self.config.fallback_file
+        if path is None or not addresses:
+            return
+        log = logger.bind(path=path, upstreams=[str(a) for a in addresses])
+        try:
+            if fallback.write_in_place(path, addresses):
+                log.info("fallback file updated with the discovered set")
+        except OSError as e:
+            log.bind(error=e.strerror or str(e)).error("cannot write the fallback file")
+
     def load_static_sources(self) -> None:
         c = self.config
         self.set_source(SOURCE_FLAG, list(c.fallback_upstreams))
+        if self.discovery is not None and self.discovery.seed is not None:
+            self.set_source(SOURCE_KUBECONFIG, [self.discovery.seed])
         if c.fallback_file is not None:
+            problem: str | None = None
             try:
                 addresses, skipped = fallback.read(c.fallback_file)
             except fallback.FallbackFileError as e:
-                logger.bind(path=c.fallback_file, error=str(e)).error("ignoring the fallback file")
+                problem = str(e)
+            if problem is not None:
+                log = logger.bind(path=c.fallback_file, error=problem)
+                if _is_empty_file(c.fallback_file):
+                    # A fresh node: the hostPath FileOrCreate mount made it empty.
+                    log.info("the fallback file is empty; it is written once discovery succeeds")
+                else:
+                    log.error("ignoring the fallback file")
                 return
             for why in skipped:
                 logger.bind(path=c.fallback_file, error=why).warning("skipping a fallback entry")
@@ -220,10 +265,13 @@ class App:
 
     async def _housekeeping(self) -> None:
         draining: set[Address] = set()
+        trim = TrimPolicy()
         async with trio.open_nursery() as nursery:
             while True:
                 await trio.sleep(HOUSEKEEPING_PERIOD)
                 now = trio.current_time()
+                if trim.observe(self.proxy.active):
+                    release_free_memory()
                 gone = self.pool.expire(now)
                 for up in gone:
                     logger.bind(upstream=str(up.address)).info("upstream removed")
@@ -247,3 +295,10 @@ class App:
             await self.proxy.close_connections(address, spread=spread)
         finally:
             draining.discard(address)
+
+
+def _is_empty_file(path: str) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False

@@ -6,17 +6,28 @@ calls, decisions go out as return values. The rules, which the tests hold it to:
 
 * Score: clamped to [-3, +3], a new upstream starts at +1; a successful probe
   adds 1, a failed probe or a failed client dial subtracts 1.
-* Usable: at least one successful probe since the upstream joined, and a score
-  >= 0. (go-loadbalancer lets never-probed upstreams take traffic; kap does
-  not, so a freshly discovered but dead address never gets a client.)
+* Usable: at least one successful probe since the upstream joined, a score
+  >= 0, not *suspect* and not *held down*. (go-loadbalancer lets never-probed
+  upstreams take traffic; kap does not, so a freshly discovered but dead
+  address never gets a client.)
+* Suspect: a failed client dial (or a passive failure: an upstream reset, or
+  an upstream that closes a fresh connection without answering) makes the
+  upstream suspect at once, so it gets no new client after its first failed
+  dial; the next successful probe (the scheduler probes it right away) clears
+  it, so one transient error costs milliseconds, not a score cycle.
+* Damping: an upstream that turns unusable again soon after it last did is
+  held down: its recovery waits ``hold`` seconds, doubling with each flap
+  inside ``FLAP_WINDOW`` (see ``hold_down``). A flapping apiserver makes a
+  few transitions a minute, not sixty.
 * Tier: from the latency of the last successful probe, on decade thresholds
   100us, 1ms, 10ms, 100ms, 1s (tiers 0..5). Unlike go-loadbalancer, a tier
   only changes once the latency is clearly past a boundary (``HYSTERESIS``),
   so an upstream whose latency sits on a boundary does not flap between tiers.
   A failed probe keeps the tier.
-* Pick: the lowest tier that has a usable upstream wins; round-robin inside it
-  with one cursor per tier. Reading state (``upstreams``, ``usable``) never
-  moves a cursor.
+* Pick: the lowest tier that has a usable upstream wins; inside it, the
+  upstreams with the best score (the stable ones: a flapping upstream hovers
+  below the maximum), round-robin with one cursor per tier. Reading state
+  (``upstreams``, ``usable``) never moves a cursor.
 * Candidates for one client: the pick, then the other usable upstreams (best
   tier first), then the default Kubernetes Service, then every other upstream
   by score ("panic mode"): kap never refuses a client while something might
@@ -49,6 +60,14 @@ MAX_TIER = len(TIER_THRESHOLDS)
 # 10x change still moves at once.
 HYSTERESIS = 1.5
 
+# Flap damping: a second fall within FLAP_WINDOW holds the upstream down for
+# HOLD_BASE seconds, each further one doubles it, up to HOLD_MAX. A real
+# apiserver restart falls once and is back as soon as its probes pass; a
+# rolling upgrade restarts each apiserver once, minutes apart.
+FLAP_WINDOW = 300.0
+HOLD_BASE = 10.0
+HOLD_MAX = 120.0
+
 # Buckets of kap_upstream_probe_duration_seconds: the tier boundaries and the
 # steps between them, up to the largest sensible --health-timeout.
 PROBE_BUCKETS = (
@@ -74,6 +93,13 @@ SOURCE_FLAG = "flag"
 SOURCE_FILE = "file"
 SOURCE_DISCOVERY = "discovery"
 SOURCE_KUBECONFIG = "kubeconfig"
+
+
+def hold_down(recent_falls: int) -> float:
+    """Seconds an upstream's recovery waits after its ``recent_falls``-th fall in the window."""
+    if recent_falls <= 1:
+        return 0.0
+    return min(HOLD_MAX, HOLD_BASE * 2.0 ** (recent_falls - 2))
 
 
 def raw_tier(latency: float) -> int:
@@ -125,6 +151,10 @@ class Upstream:
     # not drain them. Timeouts and connection errors leave this False.
     failing_answered: bool = False
     last_probe_at: float | None = None
+    suspect: bool = False
+    held_until: float | None = None
+    falls: list[float] = attrs.field(factory=list)  # times of recent falls, for damping
+    transitions_total: int = 0
     unhealthy_since: float | None = None
     remove_at: float | None = None
     active_connections: int = 0
@@ -139,7 +169,7 @@ class Upstream:
 
     @property
     def usable(self) -> bool:
-        return self.probed_ok and self.score >= 0
+        return self.probed_ok and self.score >= 0 and not self.suspect and self.held_until is None
 
     def observe_probe_duration(self, seconds: float) -> None:
         i = bisect.bisect_left(PROBE_BUCKETS, seconds)
@@ -194,6 +224,8 @@ class Pool:
             return None
         tier = usable[0].tier if usable[0].tier is not None else MAX_TIER
         group = [u for u in usable if (u.tier if u.tier is not None else MAX_TIER) == tier]
+        best = max(u.score for u in group)
+        group = [u for u in group if u.score == best]
         cursor = self._cursors.get(tier, 0)
         self._cursors[tier] = cursor + 1
         return group[cursor % len(group)]
@@ -245,6 +277,9 @@ class Pool:
         if ok:
             up.score = min(SCORE_MAX, up.score + 1)
             up.probed_ok = True
+            up.suspect = False
+            if up.held_until is not None and now >= up.held_until:
+                up.held_until = None
             up.last_error = error if auth_refused else None
             if auth_refused and not up.auth_refused:
                 changes.append(Change(address, "auth", error or "credentials refused"))
@@ -265,12 +300,31 @@ class Pool:
         up = self._members.get(address)
         if up is None:
             return []
+        return self.record_passive_failure(
+            address, now=now, error=f"dial failed: {error}", dial=True
+        )
+
+    def record_passive_failure(
+        self, address: Address, *, now: float, error: str, dial: bool = False
+    ) -> list[Change]:
+        """A client connection showed the upstream broken (failed dial, reset, no answer).
+
+        The upstream turns suspect (no new clients) until its next successful
+        probe, and loses one point of score.
+        """
+        up = self._members.get(address)
+        if up is None:
+            return []
         was_usable, old_tier = up.usable, up.tier
-        up.dial_failures_total += 1
+        if dial:
+            up.dial_failures_total += 1
         up.failing_answered = False
         up.score = max(SCORE_MIN, up.score - 1)
-        up.last_error = f"dial: {error}"
-        return self._after(up, was_usable, old_tier, now, f"dial failed: {error}")
+        up.suspect = True
+        up.last_error = error
+        out = self._after(up, was_usable, old_tier, now, error)
+        out.append(Change(address, "suspect", error))
+        return out
 
     def _after(
         self, up: Upstream, was_usable: bool, old_tier: int | None, now: float, why: str
@@ -278,9 +332,16 @@ class Pool:
         out: list[Change] = []
         if up.usable and not was_usable:
             up.unhealthy_since = None
+            up.transitions_total += 1
             out.append(Change(up.address, "healthy", f"score {up.score}"))
         elif was_usable and not up.usable:
             up.unhealthy_since = now
+            up.transitions_total += 1
+            up.falls = [t for t in up.falls if now - t < FLAP_WINDOW] + [now]
+            hold = hold_down(len(up.falls))
+            if hold > 0:
+                up.held_until = now + hold
+                why = f"{why}; fall {len(up.falls)} in {FLAP_WINDOW:g}s, held down {hold:g}s"
             out.append(Change(up.address, "unhealthy", f"{why} (score {up.score})"))
         elif not up.usable and up.unhealthy_since is None:
             # A new upstream whose first probes fail: say so once.

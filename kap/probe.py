@@ -186,6 +186,7 @@ class ProbeScheduler:
     on_changes: Callable[[list[Change]], None]
     rng: random.Random = attrs.field(factory=random.Random)
     _tasks: dict[Address, trio.CancelScope] = attrs.field(factory=dict, alias="_tasks")
+    _naps: dict[Address, trio.CancelScope] = attrs.field(factory=dict, alias="_naps")
     _nursery: trio.Nursery | None = attrs.field(default=None, alias="_nursery")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -218,8 +219,30 @@ class ProbeScheduler:
     async def _loop(self, address: Address, scope: trio.CancelScope) -> None:
         with scope:
             while True:
-                await self.probe_once(address)
-                await trio.sleep(next_delay(self.interval, self.jitter, self.rng.uniform(-1, 1)))
+                result = await self.probe_once(address)
+                up = self.pool.get(address)
+                if not result.ok and up is not None and up.score >= 0 and up.probed_ok:
+                    # On its way down: confirm quickly (HAProxy's fastinter), so
+                    # a hung apiserver leaves rotation within about
+                    # interval + 4 x (timeout + fast delay), not 4 intervals.
+                    delay = self.fast_delay
+                else:
+                    delay = next_delay(self.interval, self.jitter, self.rng.uniform(-1, 1))
+                with trio.move_on_after(delay) as nap:
+                    self._naps[address] = nap
+                    await trio.sleep_forever()
+                self._naps.pop(address, None)
+
+    @property
+    def fast_delay(self) -> float:
+        """Pause between confirming probes of a failing upstream."""
+        return min(self.interval / 4, self.timeout)
+
+    def poke(self, address: Address) -> None:
+        """Probe ``address`` now (a client's dial to it just failed): wakes its task."""
+        nap = self._naps.get(address)
+        if nap is not None:
+            nap.cancel()
 
     async def probe_once(self, address: Address) -> ProbeResult:
         """Probe ``address`` under the timeout and apply the result to the pool."""

@@ -25,11 +25,12 @@ from loguru import logger
 
 from kap.address import Address
 from kap.pool import Change, Pool
-from kap.relay import Relay
+from kap.relay import Relay, RelayResult
 from kap.sockets import (
     ACCEPT_CAPACITY_ERRORS,
     ACCEPT_SKIP_ERRORS,
     DialError,
+    LocalResourceError,
     TcpOptions,
     bind_listener,
     dial,
@@ -38,6 +39,9 @@ from kap.sockets import (
 
 # How long accept() sleeps after running out of fds: trio's serve_listeners.
 ACCEPT_BACKOFF = 0.1
+# A connection that the upstream closes this soon without answering counts
+# against it: a TLS handshake with a live apiserver answers in milliseconds.
+SHORT_LIVED = 1.0
 # Connections accepted per wake-up before yielding to other tasks (probes).
 ACCEPT_BATCH = 64
 
@@ -55,6 +59,7 @@ class Connection:
 class ProxyStats:
     accepted_total: int = 0
     no_upstream_total: int = 0
+    passive_failures_total: int = 0
     failovers_total: int = 0
     accept_errors_total: int = 0
 
@@ -80,7 +85,7 @@ class Proxy:
         self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen, accept until ``stop_accepting()``, then wait for open connections."""
-        listener = bind_listener(self.host, self.port)
+        listener = bind_listener(self.host, self.port, options=self.options)
         try:
             bound = local_address(listener)
             async with trio.open_nursery() as forwarding:
@@ -88,7 +93,12 @@ class Proxy:
                 task_status.started(bound)
                 with self._accepting:
                     await self._accept_loop(listener, forwarding)
-                listener.close()  # refuse new clients at once; open ones go on
+                # Take over what already sits in the accept queue, then close:
+                # closing a listener resets its queued connections (unless the
+                # kernel migrates them to a sibling SO_REUSEPORT listener,
+                # net.ipv4.tcp_migrate_req=1). New clients are refused from now.
+                self._accept_pending(listener, forwarding)
+                listener.close()
                 logger.bind(address=str(bound)).info("stopped accepting")
         finally:
             self._nursery = None
@@ -127,24 +137,38 @@ class Proxy:
                 forwarding.start_soon(self._serve, client)
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def _accept_pending(self, listener: socket.socket, forwarding: trio.Nursery) -> None:
+        while True:
+            try:
+                client, _peer = listener.accept()
+            except OSError:
+                return
+            self.stats.accepted_total += 1
+            forwarding.start_soon(self._serve, client)
+
     async def _serve(self, client: socket.socket) -> None:
         conn = Connection(opened_at=trio.current_time())
         upstream_sock: socket.socket | None = None
         try:
             with conn.scope:
+                # The TCP options came with the socket from the listener (bind_listener).
                 client.setblocking(False)
-                self.options.apply(client)
                 upstream_sock = await self._dial_any(conn)
                 if upstream_sock is None:
                     return
                 assert conn.upstream is not None
                 self._track(conn)
+                relayed_at = trio.current_time()
                 try:
                     result = await self.relay.relay(client, upstream_sock)
                 finally:
                     self._untrack(conn)
-                logger.bind(upstream=str(conn.upstream)).debug(
+                self._judge(conn.upstream, result, trio.current_time() - relayed_at)
+                # Keyword fields, not bind(): loguru drops a debug record before
+                # building anything, bind() would build a logger per connection.
+                logger.debug(
                     "connection closed",
+                    upstream=conn.upstream,
                     bytes_up=result.bytes_up,
                     bytes_down=result.bytes_down,
                     error=result.error,
@@ -158,13 +182,48 @@ class Proxy:
                 upstream_sock.close()
             client.close()
 
+    def _judge(self, address: Address, result: RelayResult, lifetime: float) -> None:
+        """Passive health: what a finished connection says about its upstream.
+
+        An upstream that reset the connection, or that took a client's bytes and
+        closed within ``SHORT_LIVED`` seconds without a byte back (an apiserver
+        dying or refusing at the TLS layer), is counted like a failed dial.
+        A client's own reset or early close is not the upstream's fault.
+        """
+        if result.errored_side == "upstream":
+            why = result.error or "upstream error"
+        elif (
+            result.error is None
+            and result.bytes_down == 0
+            and result.bytes_up > 0
+            and lifetime < SHORT_LIVED
+        ):
+            why = "upstream closed without answering"
+        else:
+            return
+        self.stats.passive_failures_total += 1
+        changes = self.pool.record_passive_failure(address, now=trio.current_time(), error=why)
+        if changes:
+            self.on_changes(changes)
+
     async def _dial_any(self, conn: Connection) -> socket.socket | None:
         """Dial the candidates in order until one answers; count the failures."""
         candidates = self.pool.candidates()
         for attempt, address in enumerate(candidates):
+            sock: socket.socket | None = None
             try:
-                with trio.fail_after(self.dial_timeout):
+                # fail_after without its generator and exception: the same
+                # deadline scope, checked by hand.
+                with trio.CancelScope(deadline=trio.current_time() + self.dial_timeout):
                     sock = await dial(address, self.options)
+                if sock is None:
+                    raise trio.TooSlowError
+            except LocalResourceError as e:
+                # Out of fds here: no upstream is to blame; this client waits
+                # for nothing better, so close it (counted, logged).
+                self.stats.accept_errors_total += 1
+                logger.bind(error=e.strerror).error("cannot dial: out of resources")
+                return None
             except (DialError, OSError, trio.TooSlowError) as e:
                 why = _dial_reason(e, self.dial_timeout)
                 logger.bind(upstream=str(address), error=why).debug("dial failed")

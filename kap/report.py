@@ -33,6 +33,7 @@ class Counters:
     accepted_total: Callable[[], int] = lambda: 0
     no_upstream_total: Callable[[], int] = lambda: 0
     failovers_total: Callable[[], int] = lambda: 0
+    passive_failures_total: Callable[[], int] = lambda: 0
     active_connections: Callable[[], int] = lambda: 0
     bytes_up: Callable[[], int] = lambda: 0
     bytes_down: Callable[[], int] = lambda: 0
@@ -72,6 +73,7 @@ def upstreams_document(pool: Pool, counters: Counters, now: float) -> dict[str, 
             "accepted_total": counters.accepted_total(),
             "no_upstream_total": counters.no_upstream_total(),
             "failovers_total": counters.failovers_total(),
+            "passive_failures_total": counters.passive_failures_total(),
         },
         "bytes": {"up": counters.bytes_up(), "down": counters.bytes_down()},
     }
@@ -167,6 +169,11 @@ class KapCollector:
             "kap_connections_failover",
             "Clients served by a later candidate after a failed dial.",
             value=c.failovers_total(),
+        )
+        yield CounterMetricFamily(
+            "kap_connections_passive_failures",
+            "Connections an upstream reset or closed unanswered (counted against it).",
+            value=c.passive_failures_total(),
         )
         yield GaugeMetricFamily(
             "kap_connections_active", "Client connections open.", value=c.active_connections()

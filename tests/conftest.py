@@ -6,6 +6,8 @@ from any test, since pytest puts this directory on ``sys.path``).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 from collections.abc import Awaitable, Callable
@@ -79,3 +81,35 @@ def kubectl() -> Path:
     if found is None:
         pytest.skip("kubectl is not installed on this machine")
     return Path(found)
+
+
+# ---- the fault-injection suite's figures (tests/faults) ----------------------
+
+# Each fault test records what it measured; printed as one table at the end of
+# the run and, when KAP_FAULTS_REPORT names a file, written there as JSON.
+FIGURES: list[dict[str, Any]] = []
+
+
+@pytest.fixture
+def figure() -> Any:
+    """``figure(promise, what, value, unit)`` records one measured figure."""
+
+    def record(promise: str, what: str, value: float, unit: str = "") -> None:
+        FIGURES.append({"promise": promise, "what": what, "value": value, "unit": unit})
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES:
+        return
+    tr = terminalreporter
+    tr.section("kap failure modes: measured")
+    for f in sorted(FIGURES, key=lambda f: f["promise"]):
+        value = f["value"]
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        tr.write_line(f"{f['promise']:<32} {f['what']:<58} {text:>10} {f['unit']}")
+    path = os.environ.get("KAP_FAULTS_REPORT")
+    if path:
+        with open(path, "w") as fh:
+            json.dump(FIGURES, fh, indent=2)

@@ -76,6 +76,7 @@ _SLICES_PATH = re.compile(
 
 # File names inside a PKI directory (what conftest writes and --ca-dir reads).
 CA_FILE = "ca.crt"
+CA_KEY_FILE = "ca.key"  # lets a test issue more certificates (expired, rotated)
 SERVER_CERT_FILE = "server.crt"
 SERVER_KEY_FILE = "server.key"
 CLIENT_CERT_FILE = "cl.crt"
@@ -172,6 +173,7 @@ def create_pki(directory: Path) -> PkiFiles:
 
     ca = trustme.CA(organization_name="kap test CA")
     ca.cert_pem.write_to_path(str(directory / CA_FILE))
+    ca.private_key_pem.write_to_path(str(directory / CA_KEY_FILE))
     server = ca.issue_cert(*SERVER_NAMES, common_name="kube-apiserver")
     server.cert_chain_pems[0].write_to_path(str(directory / SERVER_CERT_FILE))
     server.private_key_pem.write_to_path(str(directory / SERVER_KEY_FILE))
@@ -1159,9 +1161,15 @@ async def fake_api_process(
     readyz: str = "200",
     extra_args: Iterable[str] = (),
     start_timeout: float = 15.0,
+    wrapper: Iterable[str] = (),
 ) -> AsyncIterator[FakeApiProcess]:
-    """Run ``python tests/fakeapi.py`` until its ready line; SIGKILL it on exit."""
+    """Run ``python tests/fakeapi.py`` until its ready line; SIGKILL it on exit.
+
+    ``wrapper`` prefixes the command (``("ip", "netns", "exec", NS)`` runs the
+    fake inside a network namespace).
+    """
     command = [
+        *wrapper,
         sys.executable,
         str(_THIS_FILE),
         *("--name", name, "--host", host, "--port", str(port)),

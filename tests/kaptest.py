@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 import httpx2
 import trio
-from fakeapi import PkiFiles
+from fakeapi import FakeApiServer, PkiFiles
 
 from kap.app import App, Bound
 from kap.config import Config, parse_config
@@ -48,6 +49,11 @@ async def start_kap(nursery: trio.Nursery, config: Config, *, seed: int = 1) -> 
     app = App(config, rng=random.Random(seed))
     bound = await nursery.start(app.run)
     return app, bound
+
+
+def one_tier(monkeypatch: Any) -> None:
+    """Every latency in tier 0, so round-robin order is exact whatever loopback does."""
+    monkeypatch.setattr("kap.pool.TIER_THRESHOLDS", (1e3, 1e4, 1e5, 1e6, 1e7))
 
 
 async def who(address: Any, timeout: float = 5.0) -> str:
@@ -99,12 +105,25 @@ class KapProcess:
 
 
 @asynccontextmanager
-async def kap_process(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[KapProcess]:
-    """Start ``python -m kap ARGS``; wait for "kap started"; kill it on exit if still running."""
+async def kap_process(
+    *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+) -> AsyncIterator[KapProcess]:
+    """Start ``python -m kap ARGS``; wait for "kap started"; kill it on exit if still running.
+
+    ``nofile`` sets the process's RLIMIT_NOFILE (soft and hard).
+    """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     full_env.update(env or {})
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "kap", *args], stderr=subprocess.PIPE, env=full_env
+        [sys.executable, "-m", "kap", *args],
+        stderr=subprocess.PIPE,
+        env=full_env,
+        preexec_fn=limit,
     )
     kp = KapProcess(process)
     started = trio.Event()
@@ -149,3 +168,27 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 def connect(text: str) -> socket.socket:
     return socket.create_connection(split_hostport(text), timeout=5)
+
+
+StartFake = Callable[..., Awaitable[FakeApiServer]]
+
+
+def proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def raise_nofile(want: int) -> int:
+    """Raise this process's soft fd limit towards ``want``; return what it got."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    new = min(want, hard) if hard != resource.RLIM_INFINITY else want
+    if new > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return max(new, soft)

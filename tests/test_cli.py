@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import trio
-from conftest import StartFake
 from fakeapi import PkiFiles
-from kaptest import kap_process, split_hostport
+from kaptest import StartFake, kap_process, split_hostport
 
 from kap.config import OPTIONS
 

@@ -10,12 +10,16 @@ from hypothesis import strategies as st
 
 from kap.address import Address
 from kap.pool import (
+    FLAP_WINDOW,
+    HOLD_BASE,
+    HOLD_MAX,
     HYSTERESIS,
     SCORE_MAX,
     SCORE_MIN,
     SOURCE_DISCOVERY,
     SOURCE_FLAG,
     Pool,
+    hold_down,
     next_tier,
     raw_tier,
 )
@@ -100,8 +104,11 @@ SCORE_TABLE = [
     ("+++----", [2, 3, 3, 2, 1, 0, -1], [True] * 6 + [False]),
     ("-------", [0, -1, -2, -3, -3, -3, -3], [False] * 7),  # never probed ok: never usable
     ("+------+++", [2, 1, 0, -1, -2, -3, -3, -2, -1, 0], [True] * 3 + [False] * 6 + [True]),
-    ("+d", [2, 1], [True, True]),  # d = failed client dial
-    ("+ddd", [2, 1, 0, -1], [True, True, True, False]),
+    # d = failed client dial: suspect at once, until the next good probe
+    ("+d", [2, 1], [True, False]),
+    ("+ddd", [2, 1, 0, -1], [True, False, False, False]),
+    ("+d+", [2, 1, 2], [True, False, True]),
+    ("+ddd+", [2, 1, 0, -1, 0], [True, False, False, False, True]),
 ]
 
 
@@ -346,3 +353,73 @@ def test_drain_targets_unreachable_upstreams_with_clients_only() -> None:
     assert p.unhealthy_for(now=12, at_least=10) == []
     p.connection_closed(A)
     assert p.unhealthy_for(now=20, at_least=10) == []
+
+
+# ---- damping and stability -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("falls", "hold"),
+    [(0, 0), (1, 0), (2, HOLD_BASE), (3, 2 * HOLD_BASE), (4, 4 * HOLD_BASE), (20, HOLD_MAX)],
+)
+def test_hold_down_doubles_per_fall_up_to_a_cap(falls: int, hold: float) -> None:
+    assert hold_down(falls) == hold
+
+
+def test_a_single_fall_recovers_as_soon_as_probes_pass() -> None:
+    p = pool_of(A)
+    for t in range(3):
+        ok(p, A, now=t)
+    for t in range(3, 7):
+        fail(p, A, now=t)
+    assert not p.get(A).usable  # type: ignore[union-attr]
+    for t in range(7, 11):
+        ok(p, A, now=t)
+    assert p.get(A).usable  # type: ignore[union-attr]
+
+
+def test_a_flapping_upstream_is_held_down_and_makes_few_transitions() -> None:
+    """Probes fail in bursts of 4 every 8 s for 2 minutes: undamped, 30 transitions."""
+    p = pool_of(A)
+    times = []
+    for t in range(120):
+        good = (t % 8) < 4
+        changes = p.record_probe(A, ok=good, latency=1e-3, error="timeout", now=float(t))
+        times += [t for c in changes if c.kind in ("healthy", "unhealthy")]
+    assert len(times) <= 10
+    assert len([t for t in times if t >= 60]) <= 3  # the hold keeps growing
+    assert p.get(A).transitions_total == len(times)  # type: ignore[union-attr]
+
+
+def test_falls_older_than_the_window_are_forgotten() -> None:
+    p = pool_of(A)
+    t = 0.0
+    for _ in range(2):  # two falls far apart: never held
+        for _ in range(4):
+            ok(p, A, now=t)
+            t += 1
+        for _ in range(5):
+            fail(p, A, now=t)
+            t += 1
+        t += FLAP_WINDOW
+    assert p.get(A).held_until is None  # type: ignore[union-attr]
+
+
+def test_traffic_prefers_stable_upstreams_within_a_tier() -> None:
+    p = pool_of(A, B)
+    for _ in range(3):
+        ok(p, A)
+        ok(p, B)
+    fail(p, B)  # B: score 2, still usable, same tier
+    assert [p.pick().address for _ in range(4)] == [A] * 4  # type: ignore[union-attr]
+    ok(p, B)
+    assert {p.pick().address for _ in range(4)} == {A, B}  # type: ignore[union-attr]
+
+
+def test_passive_failure_makes_the_upstream_suspect_without_counting_a_dial() -> None:
+    p = pool_of(A)
+    ok(p, A)
+    kinds = [c.kind for c in p.record_passive_failure(A, now=1, error="upstream reset")]
+    assert kinds == ["unhealthy", "suspect"]
+    up = p.get(A)
+    assert up is not None and up.dial_failures_total == 0 and up.suspect

@@ -124,7 +124,7 @@ async def test_sync_follows_membership(autojump_clock: trio.testing.MockClock) -
         pool.set_source("discovery", [B], now=trio.current_time())
         pool.expire(trio.current_time())
         sched.sync()
-        await trio.sleep(2)
+        await trio.sleep(2.2)
         nursery.cancel_scope.cancel()
     assert prober.calls[A] == [0.0, 1.0]
     assert prober.calls[B] == [1.5, 2.5, 3.5]
@@ -142,8 +142,14 @@ async def test_failures_and_recovery_are_reported(autojump_clock: trio.testing.M
         await nursery.start(sched.run)
         await trio.sleep(3.5)  # 4 ok probes: score 3
         prober.behaviour[A] = "fail"
-        await trio.sleep(4)  # 4 failures: 3 -> -1
+        t0 = trio.current_time()
+        while pool.get(A).usable:  # type: ignore[union-attr]
+            await trio.sleep(0.01)
+        # The first failure at the next interval, then fast confirmations.
+        fall_time = trio.current_time() - t0
+        await trio.sleep(4)
         prober.behaviour[A] = "ok"
-        await trio.sleep(1)
+        await trio.sleep(4)  # from -3, three good probes
         nursery.cancel_scope.cancel()
     assert [c.kind for c in seen] == ["healthy", "unhealthy", "healthy"]
+    assert fall_time == pytest.approx(0.5 + 3 * sched.fast_delay, abs=0.02)

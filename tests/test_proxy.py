@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections import Counter
 
+import kaptest
 import pytest
 import trio
-from conftest import StartFake
 from fakeapi import PkiFiles
-from kaptest import get_json, make_config, start_kap, upstream, wait_until, who
+from kaptest import StartFake, get_json, make_config, start_kap, upstream, wait_until, who
 
 from kap.address import Address
 from kap.pool import SCORE_MAX
@@ -18,7 +19,7 @@ from kap.pool import SCORE_MAX
 @pytest.fixture
 def one_tier(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every latency in tier 0, so round-robin order is exact whatever loopback does."""
-    monkeypatch.setattr("kap.pool.TIER_THRESHOLDS", (1e3, 1e4, 1e5, 1e6, 1e7))
+    kaptest.one_tier(monkeypatch)
 
 
 def fallback(*fakes: object) -> str:
@@ -64,6 +65,8 @@ async def test_readyz_500_leaves_rotation_and_comes_back(
     assert {await who(bound.proxy) for _ in range(10)} == {"b"}
     a.readyz = "200"
     await wait_until(lambda: upstream(app, a).usable, timeout=2.0)
+    # Stable upstreams are preferred: a shares the traffic once its score is full.
+    await wait_until(lambda: upstream(app, a).score == SCORE_MAX, timeout=2.0)
     assert {await who(bound.proxy) for _ in range(10)} == {"a", "b"}
 
 
@@ -244,3 +247,71 @@ async def test_ipv6_listener_and_upstream(
     app, bound = await start_kap(nursery, cfg)
     await wait_until(lambda: app.pool.get(Address("::1", a.address[1])).usable)  # type: ignore[union-attr]
     assert await who(bound.proxy) == "a"
+
+
+def test_client_sockets_inherit_tcp_options_from_the_listener() -> None:
+    # Proxy.run sets the TCP options on the listener only (bind_listener): Linux
+    # clones each accepted socket from it, which saves five setsockopt calls
+    # per client. If a kernel stopped copying them, keepalive would go silently.
+    from kap.sockets import TcpOptions, bind_listener
+
+    listener = bind_listener("127.0.0.1", 0, options=TcpOptions(3.0, 7.0))
+    with listener, socket.create_connection(listener.getsockname()[:2]) as _peer:
+        listener.setblocking(True)
+        accepted, _ = listener.accept()
+        with accepted:
+            tcp = socket.IPPROTO_TCP
+            assert accepted.getsockopt(tcp, socket.TCP_NODELAY) == 1
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert accepted.getsockopt(tcp, socket.TCP_KEEPIDLE) == 3
+            assert accepted.getsockopt(tcp, socket.TCP_KEEPINTVL) == 3
+            assert accepted.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == 7000
+
+
+async def bad_upstream(nursery: trio.Nursery, *, reset: bool) -> int:
+    """A raw upstream that reads what a client sends, then closes (or resets) without a byte."""
+    import struct
+
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    async def serve() -> None:
+        while True:
+            conn, _ = await listener.accept()
+            with conn:
+                await conn.recv(100)
+                if reset:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    nursery.start_soon(serve)
+    return int(listener.getsockname()[1])
+
+
+@pytest.mark.parametrize("reset", [True, False])
+async def test_upstream_that_resets_or_closes_unanswered_counts_against_it(
+    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, reset: bool
+) -> None:
+    port = await bad_upstream(nursery, reset=reset)
+    a = await start_fake("a")
+    bad = Address("127.0.0.1", port)
+    app, bound = await start_kap(
+        nursery, make_config(pki, fallback_upstreams=f"{bad},{fallback(a)}")
+    )
+    up = app.pool.get(bad)
+    assert up is not None
+    # Its /readyz "passes" for this test: it is a raw server, so mark it by hand.
+    app.pool.record_probe(bad, ok=True, latency=1e-4, now=trio.current_time())
+    await wait_until(lambda: upstream(app, a).usable)
+    app.probes.interval = 60.0  # keep probes from clearing the verdict during the test
+    with trio.fail_after(5):
+        while up.usable:
+            s = await trio.open_tcp_stream(bound.proxy.host, bound.proxy.port)
+            await s.send_all(b"\x16hello")
+            with contextlib.suppress(trio.BrokenResourceError):
+                await s.receive_some(10)
+            await s.aclose()
+            await trio.sleep(0.01)
+    assert up.suspect
+    assert app.proxy.stats.passive_failures_total >= 1
+    assert await who(bound.proxy) == "a"  # the next client goes elsewhere

@@ -1,0 +1,3 @@
+module kapbench
+
+go 1.19

@@ -1,0 +1,220 @@
+"""EndpointSlice JSON -> upstream addresses: the tolerant, pure parser discovery relies on.
+
+Pure logic: dicts in, addresses and reasons out; no I/O, no clock. It parses
+the JSON kube-apiserver sends for ``default/kubernetes`` (as a list item or
+as a watch event's object) and it never raises: anything malformed is
+skipped, and the reason comes back as a one-line string for the log. That is
+the point of having it at all: lightkube's typed decoding (msgspec, strict)
+fails a whole list for one bad item, and one bad item must never cost kap
+the good ones around it.
+
+The rules, which the tests hold it to:
+
+* Port: the slice's port named ``https``, else its first port, else 6443
+  (kube-apiserver's default ``--secure-port``). A chosen port that is not an
+  integer in 1..65535 skips the slice: guessing another port would send
+  clients somewhere the apiserver does not listen.
+* ``addressType`` ``IPv4`` or ``IPv6``: every address must be an IP of that
+  family. ``FQDN`` slices (and unknown types) are skipped: the
+  ``default/kubernetes`` slices carry IPs, and kap dials addresses, it does
+  not resolve names on the data path.
+* Endpoints whose ``conditions.ready`` is ``false`` are left out (a missing
+  or null ``ready`` counts as ready, as the EndpointSlice API says consumers
+  should read it); they are counted, not reported as malformed.
+* The upstream set is the union over every slice, deduplicated and sorted.
+* Bounded: a slice with more than ``MAX_ENDPOINTS`` endpoints or an endpoint
+  with more than ``MAX_ADDRESSES`` addresses is skipped whole (the API
+  rejects such objects, so one is garbage), and at most ``MAX_SLICES``
+  slices are read from one list.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from kap.address import Address
+
+# kube-apiserver's default --secure-port, used when a slice lists no port.
+DEFAULT_PORT = 6443
+PORT_NAME = "https"
+# EndpointSlice validation limits (k8s.io/kubernetes pkg/apis/discovery/validation:
+# maxEndpoints = 1000, maxAddresses = 100, maxPorts = 100): anything larger
+# cannot have come from a real apiserver.
+MAX_ENDPOINTS = 1000
+MAX_ADDRESSES = 100
+MAX_PORTS = 100
+# The default/kubernetes service has one slice per address family; a list of
+# more than this many is skipped past this count (and the rest logged as one).
+MAX_SLICES = 1000
+# Reasons are log lines: values quoted in them are cut to this many characters.
+MAX_QUOTE = 60
+
+ADDRESS_TYPES = {"IPv4": 4, "IPv6": 6}
+
+
+@attrs.frozen
+class ParsedSlice:
+    """What one EndpointSlice contributes: its key, its ready addresses."""
+
+    key: str  # "namespace/name", how watch events find it again
+    addresses: tuple[Address, ...]
+    not_ready: int = 0
+
+
+def _quote(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTE else text[: MAX_QUOTE - 3] + "..."
+
+
+def slice_key(obj: Any) -> str | None:
+    """``namespace/name`` of an object, or None when it has no usable name."""
+    if not isinstance(obj, dict):
+        return None
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        return None
+    name = meta.get("name")
+    namespace = meta.get("namespace", "default")
+    if not isinstance(name, str) or not name or not isinstance(namespace, str):
+        return None
+    return f"{namespace or 'default'}/{name}"
+
+
+def resource_version(obj: Any) -> str | None:
+    """``metadata.resourceVersion`` when it is a non-empty string."""
+    if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
+        rv = obj["metadata"].get("resourceVersion")
+        if isinstance(rv, str) and rv:
+            return rv
+    return None
+
+
+def choose_port(ports: Any) -> tuple[int | None, str | None]:
+    """The slice's upstream port, or (None, reason) when the port list is malformed."""
+    if ports is None:
+        return DEFAULT_PORT, None
+    if not isinstance(ports, list):
+        return None, f"ports is not a list: {_quote(ports)}"
+    if not ports:
+        return DEFAULT_PORT, None
+    if len(ports) > MAX_PORTS:
+        return None, f"{len(ports)} ports (more than {MAX_PORTS})"
+    chosen = next(
+        (p for p in ports if isinstance(p, dict) and p.get("name") == PORT_NAME), ports[0]
+    )
+    if not isinstance(chosen, dict):
+        return None, f"port entry is not an object: {_quote(chosen)}"
+    port = chosen.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        return None, f"port {_quote(port)} is not a number in 1..65535"
+    return port, None
+
+
+def parse_slice(obj: Any) -> tuple[ParsedSlice | None, list[str]]:
+    """One EndpointSlice dict -> (its ready addresses, or None if skipped whole; reasons).
+
+    Never raises. Reasons name the slice when it has a name.
+    """
+    key = slice_key(obj)
+    label = key or "unnamed slice"
+    if not isinstance(obj, dict):
+        return None, [f"item is not an object: {_quote(obj)}"]
+    if key is None:
+        return None, [f"{label}: no metadata.name"]
+    address_type = obj.get("addressType")
+    if not isinstance(address_type, str) or address_type not in ADDRESS_TYPES:
+        if address_type == "FQDN":
+            return None, [f"{label}: FQDN slices are not used (kap dials IP addresses)"]
+        return None, [f"{label}: addressType {_quote(address_type)} is not IPv4 or IPv6"]
+    family = ADDRESS_TYPES[address_type]
+    port, why = choose_port(obj.get("ports"))
+    if port is None:
+        return None, [f"{label}: {why}"]
+    endpoints = obj.get("endpoints")
+    if endpoints is None:
+        return ParsedSlice(key, ()), []
+    if not isinstance(endpoints, list):
+        return None, [f"{label}: endpoints is not a list: {_quote(endpoints)}"]
+    if len(endpoints) > MAX_ENDPOINTS:
+        return None, [f"{label}: {len(endpoints)} endpoints (more than {MAX_ENDPOINTS})"]
+    out: list[Address] = []
+    reasons: list[str] = []
+    not_ready = 0
+    for i, ep in enumerate(endpoints):
+        where = f"{label}: endpoint {i}"
+        if not isinstance(ep, dict):
+            reasons.append(f"{where} is not an object: {_quote(ep)}")
+            continue
+        conditions = ep.get("conditions")
+        if conditions is not None and not isinstance(conditions, dict):
+            reasons.append(f"{where}: conditions is not an object: {_quote(conditions)}")
+            continue
+        ready = (conditions or {}).get("ready")
+        if ready is not None and not isinstance(ready, bool):
+            reasons.append(f"{where}: conditions.ready is not a boolean: {_quote(ready)}")
+            continue
+        addresses = ep.get("addresses")
+        if not isinstance(addresses, list) or not addresses:
+            reasons.append(f"{where}: addresses is not a non-empty list: {_quote(addresses)}")
+            continue
+        if len(addresses) > MAX_ADDRESSES:
+            reasons.append(f"{where}: {len(addresses)} addresses (more than {MAX_ADDRESSES})")
+            continue
+        if ready is False:
+            not_ready += 1
+            continue
+        for text in addresses:
+            addr, why = _address(text, family, port)
+            if addr is None:
+                reasons.append(f"{where}: {why}")
+            elif addr not in out:
+                out.append(addr)
+    return ParsedSlice(key, tuple(out), not_ready), reasons
+
+
+def _address(text: Any, family: int, port: int) -> tuple[Address | None, str | None]:
+    if not isinstance(text, str):
+        return None, f"address {_quote(text)} is not a string"
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None, f"address {_quote(text)} is not an IP address"
+    if ip.version != family:
+        return None, f"address {_quote(text)} is not IPv{family}"
+    return Address(ip.compressed, port), None
+
+
+def parse_items(
+    items: Any, previous: Mapping[str, ParsedSlice] | None = None
+) -> tuple[dict[str, ParsedSlice], list[str]]:
+    """A list's ``items`` -> {key: slice} for the slices kept, and the reasons for the rest.
+
+    A slice that is skipped whole but has a name keeps its version from
+    ``previous`` (the last good list): a slice garbled in one list does not
+    take its apiservers out of the set. A later item with the key of an
+    earlier one replaces it (a list never has two, so this is garbage
+    either way).
+    """
+    if not isinstance(items, list):
+        return {}, [f"items is not a list: {_quote(items)}"]
+    out: dict[str, ParsedSlice] = {}
+    reasons: list[str] = []
+    for obj in items[:MAX_SLICES]:
+        parsed, why = parse_slice(obj)
+        reasons.extend(why)
+        if parsed is not None:
+            out[parsed.key] = parsed
+        elif previous and (key := slice_key(obj)) is not None and key in previous:
+            out[key] = previous[key]
+    if len(items) > MAX_SLICES:
+        reasons.append(f"{len(items) - MAX_SLICES} items past the first {MAX_SLICES} ignored")
+    return out, reasons
+
+
+def union(slices: Iterable[ParsedSlice]) -> list[Address]:
+    """Every address of every slice, once each, sorted (so equal sets compare equal)."""
+    return sorted({a for s in slices for a in s.addresses})

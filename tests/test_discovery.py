@@ -1,0 +1,845 @@
+"""Discovery through real sockets: kap in front of fake apiservers on 127.0.0.2:P, 127.0.0.3:P...
+
+The fakes share one SliceStore (one etcd), serve the ``default/kubernetes``
+EndpointSlices and require kap's credentials. Periods and graces are short
+(``PERIOD``, ``GRACE``) so every scenario takes a second or two. The last
+section holds one test per lightkube 1.0.1 trap under trio: each shows the
+trap with lightkube itself, then that kap's watcher does not fall into it.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import random
+import shutil
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import msgspec
+import pytest
+import trio
+from fakeapi import FakeApiServer, PkiFiles, SliceStore, endpoint_slice, garbage_slices
+from kaptest import StartFake, get_json, make_config, start_kap, wait_until, who
+from lightkube import ApiError, AsyncClient, KubeConfig
+from lightkube.config.models import Cluster, User
+from lightkube.resources.discovery_v1 import EndpointSlice
+from lightkube.types import OnErrorAction, OnErrorResult, on_error_retry
+from loguru import logger
+
+from kap import kubeconfig
+from kap.address import Address
+from kap.app import App
+from kap.config import Credentials, parse_config
+from kap.credentials import CredentialFiles
+from kap.discovery import BACKOFF_INITIAL, ERROR_LOG_INTERVAL, EndpointSliceWatcher, backoff_delay
+from kap.pool import SOURCE_DISCOVERY, SOURCE_FILE, SOURCE_KUBECONFIG, Pool
+
+PERIOD = "300ms"
+GRACE = "500ms"
+HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+LABELS = {"kubernetes.io/service-name": "kubernetes"}
+SLICES_PATH = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+
+
+def bounded(seconds: float) -> Callable[[Callable[..., Awaitable[None]]], Any]:
+    """Run the test under ``trio.fail_after(seconds)``: nothing here may hang."""
+
+    def wrap(fn: Callable[..., Awaitable[None]]) -> Any:
+        @functools.wraps(fn)
+        async def run(*args: Any, **kwargs: Any) -> None:
+            with trio.fail_after(seconds):
+                await fn(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """Every loguru record emitted during the test."""
+    records: list[dict[str, Any]] = []
+    sink = logger.add(lambda m: records.append(m.record), level="DEBUG")
+    yield records
+    logger.remove(sink)
+
+
+def messages(records: list[dict[str, Any]], level: str | None = None) -> list[str]:
+    return [r["message"] for r in records if level is None or r["level"].name == level]
+
+
+def kube_slice(port: int, *ready: str, not_ready: tuple[str, ...] = ()) -> dict[str, Any]:
+    eps = [(h, True) for h in ready] + [(h, False) for h in not_ready]
+    return endpoint_slice("kubernetes", eps, ports=[("https", port)])
+
+
+def addresses(port: int, *hosts: str) -> set[str]:
+    return {f"{h}:{port}" for h in hosts}
+
+
+def file_set(path: Path) -> set[str] | None:
+    """The fallback file's addresses, or None while it is not a JSON array."""
+    try:
+        return set(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def discovered(app: App) -> set[str]:
+    return {str(a) for a in app.pool.addresses(SOURCE_DISCOVERY)}
+
+
+def in_pool(app: App) -> set[str]:
+    return {str(a) for a in app.pool.addresses()}
+
+
+def watcher(app: App) -> EndpointSliceWatcher:
+    assert app.discovery is not None
+    return app.discovery
+
+
+def slice_requests(*fakes: FakeApiServer, watch: bool | None = None) -> list[Any]:
+    out = []
+    for f in fakes:
+        for r in f.requests:
+            is_watch = "watch=true" in r.target
+            if r.target.startswith(SLICES_PATH) and (watch is None or is_watch == watch):
+                out.append(r)
+    return out
+
+
+async def plane(
+    start_fake: StartFake, port: int, hosts: tuple[str, ...], **kwargs: Any
+) -> dict[str, FakeApiServer]:
+    return {h: await start_fake(h, host=h, port=port, **kwargs) for h in hosts}
+
+
+def disc_config(pki: PkiFiles, port: int, seeds: tuple[str, ...], **values: Any) -> Any:
+    base = {
+        "discovery": "true",
+        "discover_period": PERIOD,
+        "removal_grace": GRACE,
+        "token_file": str(pki.token_file),
+        "fallback_upstreams": ",".join(f"{h}:{port}" for h in seeds),
+    }
+    base.update(values)
+    environ = base.pop("environ", None)
+    return make_config(pki, environ, **base)
+
+
+# ---- pure parts -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failures", "u", "delay"),
+    [
+        (1, 0.0, 0.4),
+        (1, 0.999999, 0.8),
+        (2, 0.0, 0.8),
+        (3, 0.5, 2.4),
+        (10, 0.0, 2.5),  # capped at 5 s, half of it at the lowest draw
+        (10, 0.999999, 5.0),
+        (10_000, 0.5, 3.75),  # no overflow
+        (0, 0.0, 0.4),  # treated as the first
+    ],
+)
+def test_backoff_doubles_with_jitter_up_to_the_cap(failures: int, u: float, delay: float) -> None:
+    got = backoff_delay(failures, initial=BACKOFF_INITIAL, cap=5.0, u=u)
+    assert got == pytest.approx(delay, abs=1e-5)
+
+
+def _pool_with(*usable: str, unusable: tuple[str, ...] = (), default: str | None = None) -> Pool:
+    pool = Pool(default_service=None if default is None else Address.parse(default))
+    pool.set_source("flag", [Address.parse(a) for a in (*usable, *unusable)], now=0.0)
+    for a in usable:
+        pool.record_probe(Address.parse(a), ok=True, now=0.0, latency=0.001)
+    return pool
+
+
+def test_discovery_asks_a_usable_upstream_and_never_the_default_service() -> None:
+    creds = CredentialFiles(Credentials(token_file="/nonexistent"))
+    pool = _pool_with("10.0.0.1:6443", "10.0.0.2:6443", default="10.96.0.1:443")
+    w = EndpointSliceWatcher(pool, creds, "", 1.0, lambda a: None)
+    picks = {str(w._choose(None)) for _ in range(6)}
+    assert picks == {"10.0.0.1:6443", "10.0.0.2:6443"}  # the pool's round-robin
+    assert str(w._choose(Address.parse("10.0.0.1:6443"))) == "10.0.0.2:6443"
+    # Nothing usable: the other members, rotating, still never the Service.
+    pool = _pool_with(unusable=("10.0.0.1:6443", "10.0.0.2:6443"), default="10.96.0.1:443")
+    w = EndpointSliceWatcher(pool, creds, "", 1.0, lambda a: None)
+    picks = {str(w._choose(None)) for _ in range(6)}
+    assert picks == {"10.0.0.1:6443", "10.0.0.2:6443"}
+    assert str(w._choose(Address.parse("10.0.0.1:6443"))) == "10.0.0.2:6443"
+    assert EndpointSliceWatcher(Pool(), creds, "", 1.0, lambda a: None)._choose(None) is None
+
+
+async def test_errors_back_off_to_the_period_and_are_logged_rate_limited(
+    autojump_clock: trio.testing.MockClock, logs: list[dict[str, Any]]
+) -> None:
+    creds = CredentialFiles(Credentials(token_file="/nonexistent"))
+    w = EndpointSliceWatcher(Pool(), creds, "", 5.0, lambda a: None, rng=random.Random(7))
+    with trio.move_on_after(120):
+        await w.run()
+    # Delays double from 0.4-0.8 s to the cap (the period, 5 s): about 2.5-5 s each.
+    assert 120 / 5 <= w.errors_total <= 120 / 2.5 + 4
+    assert w.status()["mode"] == "backoff"
+    assert w.status()["last_error"] == "no upstream to ask: the pool is empty"
+    errors = messages(logs, "ERROR")
+    assert 1 <= len(errors) <= 120 / ERROR_LOG_INTERVAL + 1
+    assert all(m == "discovery failed; keeping the current upstreams" for m in errors)
+
+
+# ---- following the control plane -------------------------------------------
+
+
+@bounded(15)
+async def test_discovers_every_apiserver_from_one_seed_never_via_the_service(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
+    service = await start_fake("svc", host="127.0.0.9", port=free_port, require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
+    env = {"KUBERNETES_SERVICE_HOST": "127.0.0.9", "KUBERNETES_SERVICE_PORT": str(free_port)}
+    app, bound = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1], environ=env))
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]))
+    await wait_until(lambda: len(app.pool.usable()) == 3)
+    assert {await who(bound.proxy) for _ in range(9)} <= set(HOSTS[:3])
+    doc = (await get_json(bound.health, "/upstreams"))["discovery"]
+    assert doc["slices"] == 1 and doc["errors_total"] == 0 and doc["last_error"] is None
+    assert doc["source_upstream"] in addresses(free_port, *HOSTS[:3])
+    assert doc["mode"] in ("list", "watch") and doc["credentials"].startswith("flags")
+    assert doc["resource_version"] and doc["last_success_unix"] > 1e9
+    metrics = (await httpx2.AsyncClient(trust_env=False).get(f"http://{bound.health}/metrics")).text
+    assert "kap_discovery_errors_total 0.0" in metrics
+    assert "kap_discovery_last_success_timestamp_seconds 1" in metrics
+    # Every list and watch went to an apiserver from the pool, with the token.
+    reqs = slice_requests(*fakes.values())
+    assert reqs and {r.user for r in reqs} == {"system:serviceaccount:kube-system:kap"}
+    assert slice_requests(service) == []
+    assert "labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes" in reqs[0].target
+
+
+@bounded(15)
+async def test_follows_additions_and_removals_with_the_grace_period(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    logs: list[dict[str, Any]],
+) -> None:
+    a, b, c, d = HOSTS
+    await plane(start_fake, free_port, HOSTS, require_token=pki.token)
+    slice_store.put(kube_slice(free_port, a, b))
+    app, _ = await start_kap(nursery, disc_config(pki, free_port, (a,)))
+    await wait_until(lambda: discovered(app) == addresses(free_port, a, b))
+    slice_store.put(kube_slice(free_port, a, b, c))
+    await wait_until(lambda: discovered(app) == addresses(free_port, a, b, c))
+    await wait_until(lambda: len(app.pool.usable()) == 3)
+
+    # b leaves the slice: kept for the grace period, then removed.
+    slice_store.put(kube_slice(free_port, a, c, not_ready=(b,)))
+    b_addr = Address.parse(f"{b}:{free_port}")
+    await wait_until(lambda: (u := app.pool.get(b_addr)) is not None and u.remove_at is not None)
+    left_at = trio.current_time()
+    assert b_addr in app.pool
+    await wait_until(lambda: b_addr not in app.pool, timeout=5)
+    assert trio.current_time() - left_at >= 0.4  # GRACE, less the poll step
+    # d comes and goes within the grace: never removed.
+    slice_store.put(kube_slice(free_port, a, c, d))
+    await wait_until(lambda: f"{d}:{free_port}" in discovered(app))
+    slice_store.put(kube_slice(free_port, a, c))
+    await wait_until(lambda: app.pool.get(Address.parse(f"{d}:{free_port}")).remove_at is not None)  # type: ignore[union-attr]
+    slice_store.put(kube_slice(free_port, a, c, d))
+    await trio.sleep(1.6)  # grace + a housekeeping round
+    assert in_pool(app) == addresses(free_port, a, c, d)
+    assert "discovered apiservers" in messages(logs, "INFO")
+    assert "upstream removed" in messages(logs, "INFO")
+
+
+@bounded(15)
+async def test_never_loses_an_upstream_on_an_empty_or_garbage_result(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    tmp_path: Path,
+) -> None:
+    a, b = HOSTS[:2]
+    await plane(start_fake, free_port, (a, b), require_token=pki.token)
+    slice_store.put(kube_slice(free_port, a, b))
+    path = tmp_path / "fallback.json"
+    app, bound = await start_kap(
+        nursery, disc_config(pki, free_port, (a,), fallback_file=str(path))
+    )
+    both = addresses(free_port, a, b)
+    await wait_until(lambda: discovered(app) == both)
+    w = watcher(app)
+    for change in (
+        lambda: slice_store.put(kube_slice(free_port, not_ready=(a, b))),  # none ready
+        lambda: slice_store.delete("kubernetes"),  # no slice at all
+        lambda: [slice_store.put_raw(f"g{i}", g) for i, g in enumerate(garbage_slices())],
+    ):
+        lists = w.lists_total
+        change()
+        await wait_until(lambda lists=lists: w.lists_total >= lists + 2)  # type: ignore[misc]
+        assert in_pool(app) == both
+        assert all(u.remove_at is None for u in app.pool.upstreams)
+        assert set(json.loads(path.read_text())) == both
+    assert w.status()["addresses"] == [] and w.errors_total == 0
+    assert {await who(bound.proxy) for _ in range(4)} <= {a, b}
+
+
+@bounded(20)
+async def test_survives_the_api_going_away_and_coming_back(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    logs: list[dict[str, Any]],
+) -> None:
+    a, b, c = HOSTS[:3]
+    fakes = await plane(start_fake, free_port, (a, b), require_token=pki.token)
+    slice_store.put(kube_slice(free_port, a, b))
+    app, bound = await start_kap(nursery, disc_config(pki, free_port, (a,)))
+    await wait_until(lambda: discovered(app) == addresses(free_port, a, b))
+    w = watcher(app)
+
+    # The API answers errors (etcd down): the set stays, errors are counted.
+    slice_store.list_error = 500
+    slice_store.end_watches()
+    await wait_until(lambda: w.errors_total >= 2)
+    assert "HTTP 500" in (w.last_error or "")
+    assert discovered(app) == addresses(free_port, a, b)
+
+    # Every apiserver gone: still the same set, and discovery keeps trying.
+    for f in fakes.values():
+        f.stop()
+    errors = w.errors_total
+    await wait_until(lambda: w.errors_total >= errors + 2)
+    assert discovered(app) == addresses(free_port, a, b)
+
+    # Back, with a third apiserver: followed within a few periods.
+    slice_store.list_error = None
+    await plane(start_fake, free_port, (a, b, c), require_token=pki.token)
+    slice_store.put(kube_slice(free_port, a, b, c))
+    await wait_until(lambda: discovered(app) == addresses(free_port, a, b, c), timeout=8)
+    assert "discovery recovered" in messages(logs, "INFO")
+    await wait_until(lambda: len(app.pool.usable()) == 3, timeout=5)
+    assert {await who(bound.proxy) for _ in range(9)} <= {a, b, c}
+
+
+@bounded(20)
+async def test_writes_the_fallback_file_and_a_restart_reads_it_while_the_api_fails(
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    tmp_path: Path,
+) -> None:
+    await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
+    path = tmp_path / "fallback.json"
+    three = addresses(free_port, *HOSTS[:3])
+    async with trio.open_nursery() as first:
+        app, _ = await start_kap(
+            first, disc_config(pki, free_port, HOSTS[:1], fallback_file=str(path))
+        )
+        await wait_until(lambda: file_set(path) == three)
+        first.cancel_scope.cancel()
+    assert path.read_text() == json.dumps(sorted(three)) + "\n"
+
+    # The node reboots while discovery cannot work: kap starts from the file alone.
+    slice_store.list_error = 503
+    async with trio.open_nursery() as second:
+        app, bound = await start_kap(
+            second, disc_config(pki, free_port, (), fallback_file=str(path))
+        )
+        assert {str(a) for a in app.pool.addresses(SOURCE_FILE)} == three
+        await wait_until(lambda: len(app.pool.usable()) == 3)
+        assert {await who(bound.proxy) for _ in range(9)} <= set(HOSTS[:3])
+        await wait_until(lambda: watcher(app).errors_total >= 1)
+        assert set(json.loads(path.read_text())) == three  # errors never rewrite it
+        second.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("content", "level", "message"),
+    [
+        ('["127.0.0.2:1", "127.0', "ERROR", "ignoring the fallback file"),
+        ("", "INFO", "the fallback file is empty; it is written once discovery succeeds"),
+    ],
+    ids=["corrupt", "empty"],
+)
+@bounded(15)
+async def test_starts_from_a_corrupt_or_empty_fallback_file_and_repairs_it(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    tmp_path: Path,
+    logs: list[dict[str, Any]],
+    content: str,
+    level: str,
+    message: str,
+) -> None:
+    await plane(start_fake, free_port, HOSTS[:2], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    path = tmp_path / "fallback.json"
+    path.write_text(content)
+    await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1], fallback_file=str(path)))
+    assert message in messages(logs, level)
+    two = addresses(free_port, *HOSTS[:2])
+    await wait_until(lambda: file_set(path) == two)
+
+
+@bounded(15)
+async def test_static_pod_mode_authenticates_with_the_client_certificate(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    tmp_path: Path,
+) -> None:
+    static = tmp_path / "kap"
+    static.mkdir()
+    for name in ("ca.crt", "cl.crt", "cl.key"):
+        shutil.copy(pki.dir / name, static / name)
+    fakes = await plane(start_fake, free_port, HOSTS[:2], require_client_cert=True)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    config = make_config(
+        None,
+        discovery="true",
+        discover_period=PERIOD,
+        as_static_pod="true",
+        static_pod_dir=str(static),
+        fallback_upstreams=f"{HOSTS[0]}:{free_port}",
+    )
+    assert config.credentials.origin == "static-pod"
+    app, _ = await start_kap(nursery, config)
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+    assert {r.user for r in slice_requests(*fakes.values())} == {"system:kap"}
+    assert watcher(app).status()["credentials"] == "static-pod"
+
+
+@bounded(15)
+async def test_token_mode_follows_a_rotated_token(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    tmp_path: Path,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token="first-token")
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1], token_file=str(token)))
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+    # kubelet rotates the bound token; the apiservers accept only the new one.
+    token.write_text("second-token-longer\n")
+    for f in fakes.values():
+        f.require_token = "second-token-longer"
+    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]), timeout=5)
+    assert {r.user for r in slice_requests(*fakes.values())} == {
+        "system:serviceaccount:kube-system:kap"
+    }
+
+
+@bounded(15)
+async def test_without_credentials_one_error_line_and_the_fallbacks_still_serve(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    logs: list[dict[str, Any]],
+) -> None:
+    await plane(start_fake, free_port, HOSTS[:2])
+    raw = {
+        "listen_addr": "127.0.0.1",
+        "listen_port": "0",
+        "health_listen": "127.0.0.1:0",
+        "health_interval": "100ms",
+        "health_timeout": "500ms",
+        "discovery": "true",
+        "ca_file": str(pki.ca_file),
+        "fallback_upstreams": f"{HOSTS[0]}:{free_port},{HOSTS[1]}:{free_port}",
+    }
+    # No ServiceAccount on this machine: only the explicit CA is readable.
+    config = parse_config(raw, environ={}, readable=lambda p: None if p == raw["ca_file"] else "no")
+    app, bound = await start_kap(nursery, config)
+    errors = messages(logs, "ERROR")
+    assert len(errors) == 1 and errors[0].startswith("discovery has no credentials")
+    assert watcher(app).status()["mode"] == "off"
+    await wait_until(lambda: len(app.pool.usable()) == 2)
+    assert {await who(bound.proxy) for _ in range(4)} <= set(HOSTS[:2])
+
+
+def write_kubeconfig(path: Path, pki: PkiFiles, server: str, **extra: Any) -> None:
+    cluster = {
+        "server": server,
+        "certificate-authority-data": base64.b64encode(pki.ca_file.read_bytes()).decode(),
+        "tls-server-name": "kubernetes.default.svc",
+    }
+    cluster.update(extra.pop("cluster", {}))
+    user = {"token": pki.token}
+    user.update(extra.pop("user", {}))
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "ctx", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "ctx",
+    }
+    path.write_text(json.dumps(doc))  # JSON is YAML
+
+
+@bounded(15)
+async def test_kubeconfig_gives_credentials_and_one_more_seed(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    tmp_path: Path,
+) -> None:
+    a, b, seed = HOSTS[0], HOSTS[1], HOSTS[3]
+    await plane(start_fake, free_port, (a, b, seed), require_token=pki.token)
+    slice_store.put(kube_slice(free_port, a, b))
+    path = tmp_path / "kubeconfig"
+    write_kubeconfig(path, pki, f"https://{seed}:{free_port}")
+    config = disc_config(pki, free_port, (), kubeconfig=str(path), token_file="/nonexistent")
+    app, _ = await start_kap(nursery, config)
+    assert {str(x) for x in app.pool.addresses(SOURCE_KUBECONFIG)} == {f"{seed}:{free_port}"}
+    await wait_until(lambda: discovered(app) == addresses(free_port, a, b))
+    assert watcher(app).status()["credentials"] == "kubeconfig"
+    # The seed is not in the slice: it leaves nothing, it stays a member.
+    assert in_pool(app) == addresses(free_port, a, b, seed)
+
+
+@bounded(15)
+async def test_an_unusable_kubeconfig_is_one_error_line_and_discovery_goes_on(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    tmp_path: Path,
+    logs: list[dict[str, Any]],
+) -> None:
+    await plane(start_fake, free_port, HOSTS[:2], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    path = tmp_path / "kubeconfig"
+    path.write_text("clusters: [ {name: c, cluster: {server: 'https://x'\n")
+    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1], kubeconfig=str(path)))
+    errors = [r for r in logs if r["level"].name == "ERROR"]
+    assert [r["message"] for r in errors] == [
+        "cannot use the kubeconfig for discovery; using the other credentials"
+    ]
+    assert errors[0]["extra"]["error"].startswith("not YAML")
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+
+
+# ---- kubeconfig parsing (files, no network) ----------------------------------
+
+
+def test_kubeconfig_inline_data_relative_paths_and_tls_server_name(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    path = tmp_path / "inline"
+    write_kubeconfig(path, pki, "https://[fd00::1]:6443")
+    kc = kubeconfig.load(str(path))
+    assert kc.seed == Address("fd00::1", 6443)
+    assert kc.tls_server_name == "kubernetes.default.svc"
+    assert kc.credentials.ca_file is not None
+    assert Path(kc.credentials.ca_file).read_bytes() == pki.ca_file.read_bytes()
+    assert kc.credentials.token_file is not None
+    assert Path(kc.credentials.token_file).read_text() == pki.token
+    assert kc.credentials.origin == "kubeconfig"
+
+    shutil.copy(pki.client_cert_file, tmp_path / "cl.crt")
+    shutil.copy(pki.client_key_file, tmp_path / "cl.key")
+    files = tmp_path / "files"
+    doc = {
+        "clusters": [{"name": "c", "cluster": {"server": "https://api.example.com"}}],
+        "users": [{"name": "u", "user": {"client-certificate": "cl.crt", "client-key": "cl.key"}}],
+        "contexts": [{"name": "only", "context": {"cluster": "c", "user": "u"}}],
+    }
+    files.write_text(json.dumps(doc))
+    kc = kubeconfig.load(str(files))  # no current-context: the only context
+    assert kc.context == "only"
+    assert kc.seed == Address("api.example.com", 443)
+    assert kc.credentials.cert_file == str(tmp_path / "cl.crt")
+    assert kc.tls_server_name is None
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("", "not a kubeconfig"),
+        ("{{{", "not YAML"),
+        ('{"clusters": []}', "not a usable kubeconfig"),
+        (
+            json.dumps(
+                {
+                    "clusters": [{"name": "c", "cluster": {"server": "https://h"}}],
+                    "users": [{"name": "u", "user": {"exec": {"apiVersion": "x", "command": "y"}}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            ),
+            "no client certificate or token",
+        ),
+        (
+            json.dumps(
+                {
+                    "clusters": [{"name": "c", "cluster": {"certificate-authority-data": "%%"}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            ),
+            "not base64",
+        ),
+    ],
+)
+def test_unusable_kubeconfigs_say_why(tmp_path: Path, content: str, reason: str) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text(content)
+    with pytest.raises(kubeconfig.KubeconfigError, match=reason):
+        kubeconfig.load(str(path))
+    with pytest.raises(kubeconfig.KubeconfigError, match="cannot read"):
+        kubeconfig.load(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("https://10.0.0.1:6443", "10.0.0.1:6443"),
+        ("https://10.0.0.1", "10.0.0.1:443"),
+        ("https://[fd00::1]:6443/", "[fd00::1]:6443"),
+        ("https://API.example.com:443", "api.example.com:443"),
+        ("http://10.0.0.1:8080", None),
+        ("https://10.0.0.1:99999", None),
+        ("10.0.0.1:6443", None),
+    ],
+)
+def test_kubeconfig_server_as_a_seed(url: str, address: str | None) -> None:
+    if address is None:
+        with pytest.raises(ValueError, match=r"server|port"):
+            kubeconfig.server_address(url)
+    else:
+        assert str(kubeconfig.server_address(url)) == address
+
+
+# ---- lightkube 1.0.1 under trio: one test per trap ---------------------------
+
+
+def lightkube_client(pki: PkiFiles, url: str) -> AsyncClient:
+    config = KubeConfig.from_one(
+        cluster=Cluster(server=url, certificate_auth=str(pki.ca_file)), user=User(token=pki.token)
+    )
+    return AsyncClient(config, trust_env=False)
+
+
+async def first_event(stream: Any) -> Any:
+    async for event in stream:
+        return event
+    return None
+
+
+@bounded(15)
+async def test_trap_retrying_on_error_sleeps_with_asyncio_so_kap_retries_in_trio(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:2], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    slice_store.http_410_on_watch = True
+    retry_later = lambda e, n: OnErrorResult(OnErrorAction.RETRY, sleep=0.1)  # noqa: E731
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        await first_event(
+            lightkube_client(pki, fakes[HOSTS[0]].url).watch(
+                EndpointSlice, namespace="default", on_error=retry_later
+            )
+        )
+    slice_store.http_410_on_watch = False
+    # kap's own loop: errors for a while, then the API answers again.
+    slice_store.list_error = 500
+    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1]))
+    await wait_until(lambda: watcher(app).errors_total >= 2)
+    slice_store.list_error = None
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+
+
+@bounded(15)
+async def test_trap_http_410_on_watch_is_not_an_api_error_and_kap_does_not_spin(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    slice_store.http_410_on_watch = True
+    with pytest.raises(httpx2.HTTPStatusError) as caught:
+        await first_event(
+            lightkube_client(pki, fakes[HOSTS[0]].url).watch(EndpointSlice, namespace="default")
+        )
+    assert not isinstance(caught.value, ApiError) and caught.value.response.status_code == 410
+
+    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1]))
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+    watches = len(slice_requests(*fakes.values(), watch=True))
+    await trio.sleep(1.5)  # five periods
+    # At most two watches per period (the second waits for the next list).
+    assert len(slice_requests(*fakes.values(), watch=True)) - watches <= 2 * 5 + 2
+    slice_store.put(kube_slice(free_port, *HOSTS[:3]))  # lists still follow changes
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]))
+    assert watcher(app).errors_total == 0
+
+
+@bounded(15)
+async def test_trap_410_error_event_is_an_api_error_and_kap_relists_at_once(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    slice_store.compact()
+    with pytest.raises(ApiError) as caught:
+        await first_event(
+            lightkube_client(pki, fakes[HOSTS[0]].url).watch(
+                EndpointSlice, namespace="default", resource_version="1"
+            )
+        )
+    assert caught.value.status.code == 410
+
+    # A long period: only the 410 can make kap list again this soon.
+    config = disc_config(pki, free_port, HOSTS[:1], discover_period="30s")
+    app, _ = await start_kap(nursery, config)
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+    w = watcher(app)
+    await wait_until(lambda: w.mode == "watch" and slice_store.open_watches == 1)
+    lists = slice_store.lists_served
+    slice_store.compact()
+    slice_store.watch_410_event()
+    await wait_until(lambda: slice_store.lists_served == lists + 1, timeout=2)
+    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]), timeout=2)
+    assert w.errors_total == 0
+
+
+@bounded(15)
+async def test_trap_connection_errors_escape_a_retrying_watch_and_kap_moves_on(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+) -> None:
+    closed = f"https://127.0.0.1:{free_port}"  # nothing listens on 127.0.0.1:P
+    with pytest.raises(httpx2.ConnectError):
+        await first_event(
+            lightkube_client(pki, closed).watch(
+                EndpointSlice, namespace="default", on_error=on_error_retry
+            )
+        )
+
+    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
+    config = disc_config(pki, free_port, HOSTS[:1], discover_period="30s")
+    app, _ = await start_kap(nursery, config)
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]))
+    w = watcher(app)
+    await wait_until(lambda: w.mode == "watch" and len(app.pool.usable()) == 3)
+    victim = w.source_upstream
+    assert victim is not None
+    fakes[victim.host].stop()  # its watch connection breaks, its port refuses
+    await wait_until(lambda: w.source_upstream not in (None, victim) and w.mode == "watch")
+    assert w.errors_total >= 1
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]), timeout=3)
+
+
+@bounded(15)
+async def test_trap_a_stalled_watch_has_no_read_deadline_and_kap_bounds_it(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    slice_store.stall_watches = True
+    with trio.move_on_after(1.0) as scope:
+        await first_event(
+            lightkube_client(pki, fakes[HOSTS[0]].url).watch(EndpointSlice, namespace="default")
+        )
+    assert scope.cancelled_caught  # lightkube would have waited forever
+
+    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1]))
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
+    changed = trio.current_time()
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]), timeout=3)
+    assert trio.current_time() - changed < 0.3 * 2 + 0.5  # within the next list
+    await trio.sleep(1.0)
+    # Each stalled watch was closed when its period ended: no connections pile up.
+    assert sum(f.active_connections for f in fakes.values()) <= 3 + 3  # probes + discovery
+    assert watcher(app).errors_total == 0
+
+
+@bounded(15)
+async def test_trap_one_bad_item_fails_a_typed_list_but_kap_skips_only_that_item(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    logs: list[dict[str, Any]],
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    for i, item in enumerate(garbage_slices()):
+        slice_store.put_raw(f"garbage-{i}", item)
+    with pytest.raises(msgspec.ValidationError):
+        async for _ in lightkube_client(pki, fakes[HOSTS[0]].url).list(
+            EndpointSlice, namespace="default"
+        ):
+            pass
+
+    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1]))
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+    skipped = [r for r in logs if r["message"] == "skipping part of an EndpointSlice"]
+    assert len(skipped) == 7  # each garbage item once, though every list repeats them
+    # Garbage arriving by watch event is skipped too, and good events still apply.
+    late = {"metadata": {"name": "late", "labels": LABELS}, "addressType": "IPv9"}
+    slice_store.put_raw("garbage-late", late)
+    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
+    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]))
+    await trio.sleep(0.7)  # two more lists with the same garbage: no new lines
+    assert len([r for r in logs if r["message"] == "skipping part of an EndpointSlice"]) == 8
+    assert watcher(app).errors_total == 0
