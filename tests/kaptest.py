@@ -161,6 +161,22 @@ async def kap_process(
             nursery.cancel_scope.cancel()
 
 
+def kap_args(
+    upstreams: str, pki: PkiFiles | None = None, *, port: int = 0, **flags: str
+) -> tuple[str, ...]:
+    """Flags for a test kap on 127.0.0.1 (kernel-chosen ports unless ``port``), no discovery.
+
+    ``flags``: more flags, ``shutdown_grace="1s"`` -> ``--shutdown-grace 1s``.
+    """
+    args = ["--listen-addr", "127.0.0.1", "--listen-port", str(port), "--health-listen",
+            "127.0.0.1:0", "--fallback-upstreams", upstreams, "--no-discovery"]  # fmt: skip
+    if pki is not None:
+        args += ["--ca-file", str(pki.ca_file)]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return tuple(args)
+
+
 def split_hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import trio
 from fakeapi import PkiFiles
-from kaptest import StartFake, kap_process, split_hostport
+from kaptest import StartFake, kap_args, kap_process, split_hostport
 
 from kap.config import OPTIONS
 
@@ -102,9 +102,7 @@ async def test_logs_are_json_lines_and_sigterm_drains_then_exits_0(
     start_fake: StartFake, pki: PkiFiles
 ) -> None:
     a = await start_fake("a")
-    args = ("--listen-addr", "127.0.0.1", "--listen-port", "0", "--health-listen", "127.0.0.1:0",
-            "--fallback-upstreams", f"127.0.0.1:{a.address[1]}", "--ca-file", str(pki.ca_file),
-            "--no-discovery", "--shutdown-grace", "3s", "--health-interval", "200ms")  # fmt: skip
+    args = kap_args(f"127.0.0.1:{a.address[1]}", pki, shutdown_grace="3s", health_interval="200ms")
     async with kap_process(*args) as kap:
         host, port = split_hostport(kap.listen or "")
         with trio.fail_after(10):
@@ -134,9 +132,7 @@ async def test_logs_are_json_lines_and_sigterm_drains_then_exits_0(
 
 async def test_sigterm_cuts_connections_after_the_grace(start_fake: StartFake) -> None:
     a = await start_fake("a")
-    args = ("--listen-addr", "127.0.0.1", "--listen-port", "0", "--health-listen", "127.0.0.1:0",
-            "--fallback-upstreams", f"127.0.0.1:{a.address[1]}", "--no-discovery",
-            "--shutdown-grace", "500ms")  # fmt: skip
+    args = kap_args(f"127.0.0.1:{a.address[1]}", shutdown_grace="500ms")
     async with kap_process(*args) as kap:
         host, port = split_hostport(kap.listen or "")
         with trio.fail_after(10):

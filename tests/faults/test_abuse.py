@@ -10,7 +10,16 @@ import pytest
 import trio
 import trustme
 from fakeapi import PkiFiles
-from kaptest import StartFake, kap_process, make_config, split_hostport, start_kap, wait_until, who
+from kaptest import (
+    StartFake,
+    kap_args,
+    kap_process,
+    make_config,
+    split_hostport,
+    start_kap,
+    wait_until,
+    who,
+)
 
 from kap.address import Address
 
@@ -110,21 +119,7 @@ async def test_bad_fallback_file_is_logged_and_ignored(
         path.mkdir()
     else:
         path.write_bytes(BAD_FILES[kind])
-    args = (
-        "--listen-addr",
-        "127.0.0.1",
-        "--listen-port",
-        "0",
-        "--health-listen",
-        "127.0.0.1:0",
-        "--fallback-upstreams",
-        f"127.0.0.1:{a.address[1]}",
-        "--ca-file",
-        str(pki.ca_file),
-        "--no-discovery",
-        "--fallback-file",
-        str(path),
-    )
+    args = kap_args(f"127.0.0.1:{a.address[1]}", pki, fallback_file=str(path))
     async with kap_process(*args) as kap:
         target = Address(*split_hostport(kap.listen or ""))
         assert await who(target) == "a"

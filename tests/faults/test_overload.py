@@ -15,6 +15,7 @@ import trio
 from fakeapi import PkiFiles
 from kaptest import (
     StartFake,
+    kap_args,
     kap_process,
     proc_fds,
     proc_rss_kib,
@@ -86,24 +87,12 @@ async def test_overload_leaves_no_growth_and_probes_keep_time(
     if nofile < 2 * CONCURRENT + 500:
         pytest.skip(f"the fd limit here ({nofile}) is too low for 5,000 connections")
     a = await start_fake("a")
-    args = (
-        "--listen-addr",
-        "127.0.0.1",
-        "--listen-port",
-        "0",
-        "--health-listen",
-        "127.0.0.1:0",
-        "--fallback-upstreams",
+    args = kap_args(
         f"127.0.0.1:{a.address[1]}",
-        "--ca-file",
-        str(pki.ca_file),
-        "--no-discovery",
-        "--health-interval",
-        "1s",
-        "--health-timeout",
-        "1s",
-        "--log-level",
-        "info",
+        pki,
+        health_interval="1s",
+        health_timeout="1s",
+        log_level="info",
     )
     async with kap_process(*args, nofile=nofile) as kap:
         pid = kap.process.pid
@@ -158,21 +147,7 @@ async def test_running_out_of_fds_backs_off_and_recovers(
     start_fake: StartFake, pki: PkiFiles, figure: object
 ) -> None:
     a = await start_fake("a")
-    args = (
-        "--listen-addr",
-        "127.0.0.1",
-        "--listen-port",
-        "0",
-        "--health-listen",
-        "127.0.0.1:0",
-        "--fallback-upstreams",
-        f"127.0.0.1:{a.address[1]}",
-        "--ca-file",
-        str(pki.ca_file),
-        "--no-discovery",
-        "--log-level",
-        "info",
-    )
+    args = kap_args(f"127.0.0.1:{a.address[1]}", pki, log_level="info")
     async with kap_process(*args, nofile=64) as kap:
         target = Address(*split_hostport(kap.listen or ""))
         with trio.fail_after(10):

@@ -6,7 +6,7 @@ import signal
 
 import trio
 from fakeapi import PkiFiles
-from kaptest import StartFake, kap_process, who
+from kaptest import StartFake, kap_args, kap_process, who
 
 from kap.address import Address
 
@@ -15,22 +15,12 @@ async def test_restart_without_a_gap(
     start_fake: StartFake, pki: PkiFiles, free_port: int, figure: object
 ) -> None:
     a = await start_fake("a")
-    args = (
-        "--listen-addr",
-        "127.0.0.1",
-        "--listen-port",
-        str(free_port),
-        "--health-listen",
-        "127.0.0.1:0",
-        "--fallback-upstreams",
+    args = kap_args(
         f"127.0.0.1:{a.address[1]}",
-        "--ca-file",
-        str(pki.ca_file),
-        "--no-discovery",
-        "--shutdown-grace",
-        "5s",
-        "--health-interval",
-        "200ms",
+        pki,
+        port=free_port,
+        shutdown_grace="5s",
+        health_interval="200ms",
     )
     target = Address("127.0.0.1", free_port)
     ok, failed = 0, 0
