@@ -8,6 +8,7 @@ global metrics state and a scrape costs one pass over the upstreams.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,27 +41,72 @@ class Counters:
     discovery: Callable[[], dict[str, Any] | None] = lambda: None
 
 
+@attrs.frozen
+class UpstreamReport:
+    """One upstream in ``/upstreams``: the JSON contract, field by field (README)."""
+
+    address: str
+    sources: list[str]
+    healthy: bool  # usable for new connections
+    probed: bool  # passed at least one probe since it joined
+    score: int
+    tier: int | None
+    latency_ms: float | None
+    last_error: str | None
+    auth_refused: bool
+    suspect: bool  # a client's dial or connection just failed; cleared by the next probe
+    active_connections: int
+    connections_total: int
+    dial_failures_total: int
+    probes_total: int
+    probe_failures_total: int
+    transitions_total: int
+    unhealthy_for_s: float | None
+    held_down_for_s: float | None  # flap damping: recovery waits this long
+    removal_in_s: float | None
+
+    @classmethod
+    def of(cls, u: Upstream, now: float) -> UpstreamReport:
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(max(0.0, now - t), 3)
+
+        def until(t: float | None) -> float | None:
+            return None if t is None else round(max(0.0, t - now), 3)
+
+        return cls(
+            address=str(u.address),
+            sources=sorted(u.sources),
+            healthy=u.usable,
+            probed=u.probed_ok,
+            score=u.score,
+            tier=u.tier,
+            latency_ms=None if u.latency is None else round(u.latency * 1e3, 3),
+            last_error=u.last_error,
+            auth_refused=u.auth_refused,
+            suspect=u.suspect,
+            active_connections=u.active_connections,
+            connections_total=u.connections_total,
+            dial_failures_total=u.dial_failures_total,
+            probes_total=u.probes_total,
+            probe_failures_total=u.probe_failures_total,
+            transitions_total=u.transitions_total,
+            unhealthy_for_s=since(u.unhealthy_since),
+            held_down_for_s=until(u.held_until),
+            removal_in_s=until(u.remove_at),
+        )
+
+
+@functools.cache
+def _converter() -> Any:
+    """cattrs, imported on the first report (35 ms of imports kept out of start-up)."""
+    import cattrs
+
+    return cattrs.Converter()
+
+
 def upstream_view(u: Upstream, now: float) -> dict[str, Any]:
-    return {
-        "address": str(u.address),
-        "sources": sorted(u.sources),
-        "healthy": u.usable,
-        "probed": u.probed_ok,
-        "score": u.score,
-        "tier": u.tier,
-        "latency_ms": None if u.latency is None else round(u.latency * 1e3, 3),
-        "last_error": u.last_error,
-        "auth_refused": u.auth_refused,
-        "active_connections": u.active_connections,
-        "connections_total": u.connections_total,
-        "dial_failures_total": u.dial_failures_total,
-        "probes_total": u.probes_total,
-        "probe_failures_total": u.probe_failures_total,
-        "unhealthy_for_s": None
-        if u.unhealthy_since is None
-        else round(max(0.0, now - u.unhealthy_since), 3),
-        "removal_in_s": None if u.remove_at is None else round(max(0.0, u.remove_at - now), 3),
-    }
+    view: dict[str, Any] = _converter().unstructure(UpstreamReport.of(u, now))
+    return view
 
 
 def upstreams_document(pool: Pool, counters: Counters, now: float) -> dict[str, Any]:

@@ -32,3 +32,18 @@ def test_the_nursery_tree_names_modules_that_exist() -> None:
     tree = README.split("### The nursery tree", 1)[1].split("```")[1]
     for module in re.findall(r"\(kap/(\w+)\.py\)", tree):
         assert (ROOT / "kap" / f"{module}.py").exists(), module
+
+
+def test_the_upstreams_example_has_exactly_the_reported_fields() -> None:
+    import json
+
+    import attrs
+
+    from kap.report import UpstreamReport
+
+    section = README.split("`/upstreams`:", 1)[1]
+    example = re.search(r"```json\n(.*?)```", section, re.S)
+    assert example is not None
+    text = example.group(1).replace('"discovery": {"...": "see Discovery"}', '"discovery": {}')
+    doc = json.loads(text)
+    assert set(doc["upstreams"][0]) == {f.name for f in attrs.fields(UpstreamReport)}
