@@ -347,6 +347,21 @@ class Kap(Proxy):
         return wait_serving(self.port, self.proc, t0)
 
 
+class KapBase(Kap):
+    """kap from another source tree (``KAP_BASELINE=<dir holding kap/>``): same-run A/B."""
+
+    name = "kapbase"
+
+    def start(self) -> float:
+        src = os.environ["KAP_BASELINE"]
+        self.port = free_port()
+        self.health_port = free_port()
+        t0 = time.monotonic()
+        env = {**os.environ, "PYTHONPATH": src}
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, cwd=src, env=env)
+        return wait_serving(self.port, self.proc, t0)
+
+
 class Haproxy(Proxy):
     name = "haproxy"
 
@@ -695,7 +710,12 @@ def main() -> None:
         upstream = Upstream(work) if have_go else PyUpstream(work)
         upstream.start()
         names = [n for n in args.proxies.split(",") if n != "haproxy" or have_haproxy]
-        classes: dict[str, type[Proxy]] = {"none": Proxy, "kap": Kap, "haproxy": Haproxy}
+        classes: dict[str, type[Proxy]] = {
+            "none": Proxy,
+            "kap": Kap,
+            "kapbase": KapBase,
+            "haproxy": Haproxy,
+        }
         proxies = [classes[n](upstream.ports, work) for n in names]
 
         # Start-up: time to the first echo served through the proxy.

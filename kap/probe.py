@@ -34,6 +34,11 @@ READYZ_PATH = "/readyz"
 # 401/403: the apiserver answered, so it is alive; only kap's credentials are
 # refused (anonymous auth off, or RBAC). Counted as healthy, reported once.
 AUTH_REFUSED = (401, 403)
+# A probe timeout noticed this much (or half the timeout) after its deadline
+# means kap's own loop was stalled, not that the upstream was slow: 20 ms is
+# far beyond the pump's bounded turn (a few ms) yet well under any timeout
+# worth setting.
+LOOP_LAG_TOLERANCE = 0.02
 # Closing a kept-alive probe connection is a TLS close_notify at most: 100 ms
 # is plenty on loopback and bounds it when the peer is hung.
 CLOSE_DEADLINE = 0.1
@@ -52,6 +57,7 @@ class ProbeResult:
     duration: float | None = None
     error: str | None = None
     auth_refused: bool = False
+    inconclusive: bool = False  # kap itself was too busy to tell; not recorded
 
 
 def describe_error(exc: BaseException) -> str:
@@ -187,6 +193,7 @@ class ProbeScheduler:
     rng: random.Random = attrs.field(factory=random.Random)
     _tasks: dict[Address, trio.CancelScope] = attrs.field(factory=dict, alias="_tasks")
     _naps: dict[Address, trio.CancelScope] = attrs.field(factory=dict, alias="_naps")
+    inconclusive_total: int = 0
     _nursery: trio.Nursery | None = attrs.field(default=None, alias="_nursery")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -221,7 +228,9 @@ class ProbeScheduler:
             while True:
                 result = await self.probe_once(address)
                 up = self.pool.get(address)
-                if not result.ok and up is not None and up.score >= 0 and up.probed_ok:
+                if result.inconclusive or (
+                    not result.ok and up is not None and up.score >= 0 and up.probed_ok
+                ):
                     # On its way down: confirm quickly (HAProxy's fastinter), so
                     # a hung apiserver leaves rotation within about
                     # interval + 4 x (timeout + fast delay), not 4 intervals.
@@ -245,13 +254,27 @@ class ProbeScheduler:
             nap.cancel()
 
     async def probe_once(self, address: Address) -> ProbeResult:
-        """Probe ``address`` under the timeout and apply the result to the pool."""
+        """Probe ``address`` under the timeout and apply the result to the pool.
+
+        A timeout noticed late, because kap's own loop was busy past the
+        deadline, says nothing about the upstream: it is *inconclusive*, not
+        recorded, and the probe is repeated soon (an upstream must never be
+        marked down because kap was busy).
+        """
         start = trio.current_time()
+        deadline = start + self.timeout
         result: ProbeResult | None = None
-        with trio.move_on_after(self.timeout):
+        with trio.move_on_at(deadline):
             result = await self.prober.probe(address)
         if result is None:
+            late = trio.current_time() - deadline
             await self.prober.forget(address)
+            if late > max(LOOP_LAG_TOLERANCE, self.timeout / 2):
+                self.inconclusive_total += 1
+                logger.bind(upstream=str(address), late_ms=round(late * 1e3, 1)).debug(
+                    "probe timed out while kap's loop was busy; not counted"
+                )
+                return ProbeResult(ok=False, inconclusive=True, error="kap's loop was busy")
             result = ProbeResult(
                 ok=False,
                 duration=trio.current_time() - start,

@@ -3,10 +3,13 @@
 ``Proxy.run`` owns the listener and the *forwarding nursery*. Every client
 connection is one task in that nursery with a cancel scope of its own
 (``Connection.scope``): it picks, dials with failover, waits on the relay, and
-closes both sockets however it ends. Cancelling the scope (drain of an
-upstream, removal, shutdown) ends exactly that connection. A nursery per
-connection would hold exactly one child here; the task's own scope gives the
-same ownership without the cost.
+closes both sockets however it ends. The dial's wait is the relay's: the task
+begins a non-blocking connect and hands the connecting socket to the pump,
+which watches it in its own epoll set, enforces the dial deadline and starts
+relaying once it connects, so the task sleeps once per upstream it tries.
+Cancelling the scope (drain of an upstream, removal, shutdown) ends exactly
+that connection. A nursery per connection would hold exactly one child
+here; the task's own scope gives the same ownership without the cost.
 
 Error handling: a connection's failure ends that connection only and is
 counted; accept() survives running out of file descriptors (log, back off
@@ -15,6 +18,7 @@ counted; accept() survives running out of file descriptors (log, back off
 
 from __future__ import annotations
 
+import functools
 import random
 import socket
 from collections.abc import Callable
@@ -24,17 +28,18 @@ import trio
 from loguru import logger
 
 from kap.address import Address
-from kap.pool import Change, Pool
-from kap.relay import Relay, RelayResult
+from kap.pool import Change, Pool, Upstream
+from kap.relay import CONNECT_TIMEOUT, Relay, RelayResult
 from kap.sockets import (
     ACCEPT_CAPACITY_ERRORS,
     ACCEPT_SKIP_ERRORS,
-    DialError,
     LocalResourceError,
     TcpOptions,
     bind_listener,
-    dial,
+    ip_target,
     local_address,
+    resolve,
+    start_connect,
 )
 
 # How long accept() sleeps after running out of fds: trio's serve_listeners.
@@ -48,11 +53,16 @@ ACCEPT_BATCH = 64
 
 @attrs.define(eq=False)
 class Connection:
-    """One client connection's lifetime: its cancel scope and where it went."""
+    """One client connection's lifetime: its cancel scope and where it went.
+
+    ``upstream`` and ``connected_at`` are set once a dial succeeded, which is
+    also when the connection is tracked (``Proxy.connections_to``).
+    """
 
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     upstream: Address | None = None
-    opened_at: float = 0.0
+    connected_at: float | None = None
+    failed_dials: int = 0
 
 
 @attrs.define
@@ -135,7 +145,10 @@ class Proxy:
                     raise
                 self.stats.accepted_total += 1
                 forwarding.start_soon(self._serve, client)
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                # A full batch: more may be queued; let the others run first.
+                # (A drained queue needs no extra yield: wait_readable is one.)
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _accept_pending(self, listener: socket.socket, forwarding: trio.Nursery) -> None:
         while True:
@@ -147,40 +160,95 @@ class Proxy:
             forwarding.start_soon(self._serve, client)
 
     async def _serve(self, client: socket.socket) -> None:
-        conn = Connection(opened_at=trio.current_time())
-        upstream_sock: socket.socket | None = None
+        """One client: dial the candidates in order until one connects, relay, judge.
+
+        The pick comes first; the rest of the candidate list (other usable
+        upstreams, the default Service, every other upstream) is asked of the
+        pool only after the first failed dial, without the pick. One coroutine
+        frame on purpose: this task sleeps for the connection's whole life, and
+        every nested frame costs an idle connection a few hundred bytes.
+        """
+        conn = Connection()
+        later: list[Address] | None = None  # the rest of the candidates, reversed
         try:
             with conn.scope:
                 # The TCP options came with the socket from the listener (bind_listener).
                 client.setblocking(False)
-                upstream_sock = await self._dial_any(conn)
-                if upstream_sock is None:
-                    return
-                assert conn.upstream is not None
-                self._track(conn)
-                relayed_at = trio.current_time()
-                try:
-                    result = await self.relay.relay(client, upstream_sock)
-                finally:
-                    self._untrack(conn)
-                self._judge(conn.upstream, result, trio.current_time() - relayed_at)
-                # Keyword fields, not bind(): loguru drops a debug record before
-                # building anything, bind() would build a logger per connection.
-                logger.debug(
-                    "connection closed",
-                    upstream=conn.upstream,
-                    bytes_up=result.bytes_up,
-                    bytes_down=result.bytes_down,
-                    error=result.error,
+                address = _address_of(self.pool.pick())
+                if address is None:
+                    later = self.pool.candidates()[::-1]  # nothing usable: Service, the rest
+                    address = later.pop() if later else None
+                while address is not None:
+                    result = None
+                    sock: socket.socket | None = None
+                    try:
+                        sock = start_connect(
+                            ip_target(address) or await resolve(address), self.options
+                        )
+                        conn.upstream = address
+                        result = await self.relay.relay(
+                            client,
+                            sock,
+                            connect_by=trio.current_time() + self.dial_timeout,
+                            on_connected=functools.partial(self._track, conn),
+                        )
+                    except LocalResourceError as e:
+                        # Out of fds here: no upstream is to blame; this client
+                        # waits for nothing better, so close it (counted, logged).
+                        self.stats.accept_errors_total += 1
+                        logger.bind(error=e.strerror).error("cannot dial: out of resources")
+                        return
+                    except OSError as e:  # DialError included: refused at once, unresolved
+                        why = _dial_reason(e, self.dial_timeout)
+                    finally:
+                        if conn.connected_at is not None:
+                            self._untrack(conn)
+                        if sock is not None:
+                            sock.close()
+                    if result is not None:
+                        if not result.dial_failed:
+                            self._finished(conn, address, result)
+                            return
+                        if result.error == CONNECT_TIMEOUT:
+                            why = f"timeout after {self.dial_timeout:g}s"
+                        else:
+                            why = result.error or "dial failed"
+                    conn.upstream = None
+                    self._dial_failed(conn, address, why)
+                    if later is None:  # the first failure: the pick is the one tried
+                        later = [a for a in self.pool.candidates() if a != address][::-1]
+                    address = later.pop() if later else None
+                self.stats.no_upstream_total += 1
+                logger.bind(tried=conn.failed_dials).warning(
+                    "no upstream answered; closing the client"
                 )
         except OSError as e:
             # A socket of this connection failed outside the relay (setsockopt
             # on a client that already left): this connection only.
             logger.bind(error=str(e)).debug("connection failed")
         finally:
-            if upstream_sock is not None:
-                upstream_sock.close()
             client.close()
+
+    def _dial_failed(self, conn: Connection, address: Address, why: str) -> None:
+        """Every failed dial counts against its upstream (passive health)."""
+        logger.bind(upstream=str(address), error=why).debug("dial failed")
+        conn.failed_dials += 1
+        changes = self.pool.record_dial_failure(address, now=trio.current_time(), error=why)
+        if changes:
+            self.on_changes(changes)
+
+    def _finished(self, conn: Connection, address: Address, result: RelayResult) -> None:
+        if conn.connected_at is not None:
+            self._judge(address, result, trio.current_time() - conn.connected_at)
+        # Keyword fields, not bind(): loguru drops a debug record before
+        # building anything, bind() would build a logger per connection.
+        logger.debug(
+            "connection closed",
+            upstream=address,
+            bytes_up=result.bytes_up,
+            bytes_down=result.bytes_down,
+            error=result.error,
+        )
 
     def _judge(self, address: Address, result: RelayResult, lifetime: float) -> None:
         """Passive health: what a finished connection says about its upstream.
@@ -206,41 +274,12 @@ class Proxy:
         if changes:
             self.on_changes(changes)
 
-    async def _dial_any(self, conn: Connection) -> socket.socket | None:
-        """Dial the candidates in order until one answers; count the failures."""
-        candidates = self.pool.candidates()
-        for attempt, address in enumerate(candidates):
-            sock: socket.socket | None = None
-            try:
-                # fail_after without its generator and exception: the same
-                # deadline scope, checked by hand.
-                with trio.CancelScope(deadline=trio.current_time() + self.dial_timeout):
-                    sock = await dial(address, self.options)
-                if sock is None:
-                    raise trio.TooSlowError
-            except LocalResourceError as e:
-                # Out of fds here: no upstream is to blame; this client waits
-                # for nothing better, so close it (counted, logged).
-                self.stats.accept_errors_total += 1
-                logger.bind(error=e.strerror).error("cannot dial: out of resources")
-                return None
-            except (DialError, OSError, trio.TooSlowError) as e:
-                why = _dial_reason(e, self.dial_timeout)
-                logger.bind(upstream=str(address), error=why).debug("dial failed")
-                changes = self.pool.record_dial_failure(address, now=trio.current_time(), error=why)
-                if changes:
-                    self.on_changes(changes)
-                continue
-            if attempt:
-                self.stats.failovers_total += 1
-            conn.upstream = address
-            return sock
-        self.stats.no_upstream_total += 1
-        logger.bind(tried=len(candidates)).warning("no upstream answered; closing the client")
-        return None
-
     def _track(self, conn: Connection) -> None:
+        """The dial of ``conn`` succeeded (called by the relay's pump)."""
         assert conn.upstream is not None
+        conn.connected_at = trio.current_time()
+        if conn.failed_dials:
+            self.stats.failovers_total += 1
         self._by_upstream.setdefault(conn.upstream, set()).add(conn)
         self.pool.connection_opened(conn.upstream)
 
@@ -275,6 +314,10 @@ class Proxy:
             await trio.sleep_until(start + when)
             c.scope.cancel()
         return len(conns)
+
+
+def _address_of(upstream: Upstream | None) -> Address | None:
+    return None if upstream is None else upstream.address
 
 
 def _dial_reason(e: BaseException, timeout: float) -> str:

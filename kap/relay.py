@@ -25,9 +25,14 @@ The rules that keep the pump honest:
    the flag and goes back on the ready list. EPOLLOUT is registered from the
    start and only looked at while the peer-bound direction holds bytes; a
    partial write is retried until EAGAIN, so the next edge is guaranteed.
-3. The pump never closes a relayed socket; it unregisters both and wakes the
-   caller, who closes them. On an error it sets ``SO_LINGER(1, 0)`` on the other
-   socket first so that close() sends RST and the reset reaches the other peer.
+3. The pump never closes a relayed socket; it forgets both and wakes the
+   caller, who closes them (which takes them out of the epoll set; a cancelled
+   session is unregistered at once). On an error it sets ``SO_LINGER(1, 0)`` on
+   the other socket first so that close() sends RST and the reset reaches the
+   other peer. When both ways have ended the last FIN is the caller's close().
+5. A connecting upstream (``relay(..., connect_by=...)``) is registered alone;
+   its first EPOLLOUT edge without ERR/HUP means connected, and only then is
+   the client registered, so no byte is read before there is somewhere to send it.
 4. Work per turn is bounded (bytes and steps); past the budget the pump yields to
    trio so health probes with 100 ms timeouts keep their schedule.
 
@@ -41,10 +46,12 @@ import collections
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import select
 import socket
 import struct
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -116,6 +123,9 @@ _REASONS: Final = {
 CLIENT: Final = "client"
 UPSTREAM: Final = "upstream"
 
+# RelayResult.error of a connect that did not finish by its ``connect_by``.
+CONNECT_TIMEOUT: Final = "connect timed out"
+
 
 @attrs.frozen
 class RelayResult:
@@ -125,12 +135,16 @@ class RelayResult:
     (client->upstream and upstream->client). ``error`` is None for a clean close
     both ways, else a short reason such as ``"upstream reset"``; ``errored_side``
     says which socket failed (None for a clean close or a stopped relay).
+    ``dial_failed`` is true when the upstream never connected (``relay(...,
+    connect_by=...)``): ``error`` is then the connect's reason (``"Connection
+    refused"``, :data:`CONNECT_TIMEOUT`) and no byte was relayed.
     """
 
     bytes_up: int
     bytes_down: int
     error: str | None
     errored_side: str | None
+    dial_failed: bool = False
 
 
 class RelayNotRunningError(RuntimeError):
@@ -146,6 +160,15 @@ def _describe(side: str, err: int | None) -> str:
     return f"{side} {reason}"
 
 
+def _register(epoll: select.epoll, fd: int) -> None:
+    """Add ``fd`` to the pump's set; a socket that ended a session without being
+    closed (see ``Relay._detach``) is still in it, so modify that registration."""
+    try:
+        epoll.register(fd, _EPOLL_MASK)
+    except FileExistsError:
+        epoll.modify(fd, _EPOLL_MASK)
+
+
 class _Direction:
     """One way of a session: reads ``src``, writes ``dst``."""
 
@@ -153,6 +176,7 @@ class _Direction:
         "bulk",
         "burst",
         "count",
+        "dialing",
         "done",
         "dst",
         "dst_fd",
@@ -195,12 +219,13 @@ class _Direction:
         self.eof = False  # src gave EOF; dst is shut down once the held bytes are out
         self.done = False  # dst has been shut down for writing
         self.count = 0  # bytes written to dst
+        self.dialing = False  # src is an upstream still connecting (down only)
 
 
 class _Session:
     """The pump's state for one relayed connection: about 1 KB with its directions."""
 
-    __slots__ = ("client", "down", "finished", "relay", "task", "up", "upstream")
+    __slots__ = ("client", "down", "finished", "on_connected", "relay", "task", "up", "upstream")
 
     def __init__(self, relay: Relay, client: socket.socket, upstream: socket.socket) -> None:
         self.relay = relay
@@ -208,6 +233,7 @@ class _Session:
         self.upstream = upstream
         self.task = trio.lowlevel.current_task()
         self.finished = False
+        self.on_connected: Callable[[], object] | None = None
         fds = (client.fileno(), upstream.fileno())
         self.up = _Direction(self, client, upstream, fds)
         self.down = _Direction(self, upstream, client, (fds[1], fds[0]))
@@ -219,7 +245,7 @@ class _Session:
 
         A bound method rather than a closure per call: fewer bytes per session.
         """
-        self.relay._detach(self)
+        self.relay._detach(self, unregister=True)
         return trio.lowlevel.Abort.SUCCEEDED
 
 
@@ -247,6 +273,10 @@ class Relay:
         self._ready: collections.deque[_Direction] = collections.deque()
         self._pipes: list[tuple[int, int, int]] = []
         self._splice = _SPLICE_AVAILABLE
+        # Sessions whose upstream is still connecting -> their connect_by.
+        self._dialing: dict[_Session, float] = {}
+        self._expiry_at = math.inf  # when _expire_dials wakes next
+        self._expiry: trio.CancelScope | None = None  # what it sleeps in
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Pump bytes until cancelled.
@@ -263,26 +293,63 @@ class Relay:
         epoll = select.epoll()
         self._epoll = epoll
         try:
-            task_status.started()
-            epfd = epoll.fileno()
-            ready = self._ready
-            while True:
-                if not ready:
-                    await trio.lowlevel.wait_readable(epfd)
-                self._turn(epoll)
-                if ready:
-                    # Budget spent with work left: let other tasks run first.
-                    await trio.lowlevel.checkpoint()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_dials)
+                task_status.started()
+                epfd = epoll.fileno()
+                ready = self._ready
+                while True:
+                    if not ready:
+                        await trio.lowlevel.wait_readable(epfd)
+                    self._turn(epoll)
+                    if ready:
+                        # Budget spent with work left: let other tasks run first.
+                        await trio.lowlevel.checkpoint()
         finally:
             self._stop()
 
-    async def relay(self, client: socket.socket, upstream: socket.socket) -> RelayResult:
+    async def _expire_dials(self) -> None:
+        """End the connects that passed their ``connect_by``.
+
+        Sleeps until the earliest deadline it knows of; a dial that finishes
+        first is not looked for, so with a constant dial timeout this task wakes
+        about once per timeout, not once per connection.
+        """
+        while True:
+            with trio.CancelScope(deadline=self._expiry_at) as self._expiry:
+                await trio.sleep_forever()
+            self._expiry = None
+            now = trio.current_time()
+            earliest = math.inf
+            for session, deadline in list(self._dialing.items()):
+                if deadline <= now:
+                    self._finish(session, CONNECT_TIMEOUT, UPSTREAM, dial_failed=True)
+                elif deadline < earliest:
+                    earliest = deadline
+            self._expiry_at = earliest
+
+    async def relay(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        connect_by: float | None = None,
+        on_connected: Callable[[], object] | None = None,
+    ) -> RelayResult:
         """Relay bytes between two connected sockets until the session is over.
 
         Args:
             client, upstream: connected stdlib stream sockets; made non-blocking
                 if they are not. The caller keeps owning them and closes both
                 after this returns or raises.
+            connect_by: ``upstream`` is still connecting (a non-blocking
+                ``connect()`` said EINPROGRESS): the pump waits for it in its
+                own epoll set, so the caller sleeps once for the dial and the
+                relay. If it has not connected by this time (trio's clock), or
+                fails, the call returns with ``dial_failed`` set and the
+                client socket untouched, ready for the next upstream.
+            on_connected: called (by the pump) once ``upstream`` is connected,
+                before any byte moves; at once without ``connect_by``.
 
         Returns:
             A :class:`RelayResult`. Half-close propagates: EOF from one side
@@ -312,16 +379,32 @@ class Relay:
                 sock.setblocking(False)
         session = _Session(self, client, upstream)
         up, down = session.up, session.down
-        epoll.register(up.src_fd, _EPOLL_MASK)
-        try:
-            epoll.register(down.src_fd, _EPOLL_MASK)
-        except BaseException:
-            epoll.unregister(up.src_fd)
-            raise
-        # Registration reports whatever is already readable (edge-triggered
-        # epoll checks readiness on EPOLL_CTL_ADD), so nothing is pumped here.
-        self._by_fd[up.src_fd] = up
-        self._by_fd[down.src_fd] = down
+        if connect_by is not None:
+            # Only the upstream until it connects: its EPOLLOUT edge says so
+            # (_on_connect), and the client is registered then.
+            _register(epoll, down.src_fd)
+            down.dialing = True
+            session.on_connected = on_connected
+            on_connected = None  # this frame sleeps as long as the session: hold nothing
+            self._by_fd[down.src_fd] = down
+            self._dialing[session] = connect_by
+            if connect_by < self._expiry_at:
+                self._expiry_at = connect_by
+                if self._expiry is not None:
+                    self._expiry.deadline = connect_by
+        else:
+            if on_connected is not None:
+                on_connected()
+            _register(epoll, up.src_fd)
+            try:
+                _register(epoll, down.src_fd)
+            except BaseException:
+                epoll.unregister(up.src_fd)
+                raise
+            # Registration reports whatever is already readable (edge-triggered
+            # epoll checks readiness on EPOLL_CTL_ADD), so nothing is pumped here.
+            self._by_fd[up.src_fd] = up
+            self._by_fd[down.src_fd] = down
         self.active += 1
         result: RelayResult = await trio.lowlevel.wait_task_rescheduled(session.abort)
         return result
@@ -348,17 +431,16 @@ class Relay:
                     return
                 continue
             while ready:
-                d = ready.popleft()
+                d = ready.popleft()  # never of a finished session: see _detach
                 d.queued = False
-                if d.session.finished:
-                    continue
+                session = d.session
                 try:
                     moved += pump(d)
                 except Exception as e:
                     # A bug or a caller breaking the contract (e.g. closing a
                     # socket mid-session) ends that session, never the pump.
                     logger.opt(exception=e).error("relay session failed")
-                    self._finish(d.session, f"relay error: {e!r}", None)
+                    self._finish(session, f"relay error: {e!r}", None)
                 steps += 1
                 if steps >= TURN_STEPS or moved >= TURN_BYTES:
                     return
@@ -367,6 +449,8 @@ class Relay:
         d = self._by_fd.get(fd)
         if d is None:
             return  # the session ended earlier in this batch
+        if d.dialing and not self._on_connect(d, mask):
+            return
         if mask & select.EPOLLERR:
             # An error with nobody reading or writing this socket (e.g. an RST
             # after the peer's FIN while the other side is idle) must still end
@@ -391,6 +475,35 @@ class Relay:
             if (p.pending is not None or p.in_pipe) and not p.queued:
                 p.queued = True
                 self._ready.append(p)
+
+    def _on_connect(self, d: _Direction, mask: int) -> bool:
+        """An event on a connecting upstream: True once it is connected."""
+        session = d.session
+        if mask & (select.EPOLLERR | select.EPOLLHUP):
+            # A failed connect reports ERR|HUP (never OUT: the kernel shuts
+            # both ways of a reset socket); a clean OUT needs no SO_ERROR call.
+            try:
+                err = d.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as e:
+                err = e.errno or errno.EBADF
+            why = os.strerror(err) if err else "connection closed"
+            self._finish(session, why, UPSTREAM, dial_failed=True)
+            return False
+        if not mask & select.EPOLLOUT:
+            return False  # not connected yet
+        d.dialing = False
+        del self._dialing[session]
+        on_connected, session.on_connected = session.on_connected, None
+        try:
+            if on_connected is not None:
+                on_connected()
+            _register(self._epoll, d.dst_fd)  # type: ignore[arg-type]
+        except Exception as e:
+            logger.opt(exception=e).error("relay session failed")
+            self._finish(session, f"relay error: {e!r}", None)
+            return False
+        self._by_fd[d.dst_fd] = d.peer
+        return True
 
     def _pump(self, d: _Direction) -> int:
         """Move bytes for one direction; returns how many were read."""
@@ -431,14 +544,18 @@ class Relay:
             # 2. Nothing held: end the direction, stop, or read.
             if d.eof:
                 self._release_pipe(d)
+                if d.peer.done:
+                    # Both ways ended: the caller's close() sends this FIN
+                    # (nothing is left unread), one shutdown() call fewer.
+                    d.done = True
+                    self._finish(d.session, None, None)
+                    return moved
                 try:
                     dst.shutdown(socket.SHUT_WR)
                 except OSError as e:
                     self._fail(d.session, d.dst_side, e.errno)
                     return moved
                 d.done = True
-                if d.peer.done:
-                    self._finish(d.session, None, None)
                 return moved
             if not d.readable:
                 if d.pipe is not None:
@@ -580,29 +697,50 @@ class Relay:
             other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         self._finish(session, _describe(side, err), side)
 
-    def _finish(self, session: _Session, error: str | None, side: str | None) -> None:
+    def _finish(
+        self, session: _Session, error: str | None, side: str | None, *, dial_failed: bool = False
+    ) -> None:
         if session.finished:
             return
-        self._detach(session)
-        result = RelayResult(session.up.count, session.down.count, error, side)
+        self._detach(session, unregister=False)
+        result = RelayResult(session.up.count, session.down.count, error, side, dial_failed)
         trio.lowlevel.reschedule(session.task, outcome.Value(result))
 
-    def _detach(self, session: _Session) -> None:
-        """Forget a session: unregister its sockets and give back its pipes."""
+    def _detach(self, session: _Session, *, unregister: bool) -> None:
+        """Forget a session and give back its pipes; ``unregister`` its sockets too.
+
+        A session that ended by itself leaves its sockets in the epoll set:
+        the caller closes them next, and closing a socket removes it (two
+        epoll_ctl calls fewer per connection); events until then find no
+        session in ``_by_fd`` and are dropped. A cancelled session is
+        unregistered at once, since its caller may keep the sockets a while.
+        """
         if session.finished:
             return
         session.finished = True
         self.active -= 1
-        epoll = self._epoll
-        for d in (session.up, session.down):
+        epoll = self._epoll if unregister else None
+        down = session.down
+        if down.dialing:
+            del self._dialing[session]
+        # A session still connecting has only the upstream registered.
+        for d in (down,) if down.dialing else (session.up, down):
             self._by_fd.pop(d.src_fd, None)
             if epoll is not None:
                 # ENOENT/EBADF if the caller closed a socket while relaying:
                 # its registration is gone with it.
                 with contextlib.suppress(OSError):
                     epoll.unregister(d.src_fd)
+        for d in (session.up, down):
             self._release_pipe(d)
             d.pending = None
+            if d.queued:
+                d.queued = False
+                self._ready.remove(d)
+            # Break the session <-> direction cycles, so the session, its
+            # sockets and the caller's objects go by reference counting rather
+            # than by the cyclic GC (measured: ~10 objects per connection).
+            d.session = d.peer = None  # type: ignore[assignment]
 
     def _stop(self) -> None:
         sessions = {d.session for d in self._by_fd.values()}

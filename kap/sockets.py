@@ -2,8 +2,9 @@
 
 kap uses plain non-blocking stdlib sockets on the hot path, not trio's stream
 wrappers: perf-facts.md measured ``open_tcp_stream`` plus the wrappers at about
-1 ms of CPU per connection. Waiting is still trio's (``wait_readable`` /
-``wait_writable``), so cancel scopes keep working as deadlines.
+1 ms of CPU per connection. A dial is split in two: ``start_connect`` begins a
+non-blocking connect, and the relay's pump waits for it to finish in its own
+epoll set (kap/relay.py), so a connection's task sleeps once for dial and relay.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def local_address(sock: socket.socket) -> Address:
 
 
 @functools.lru_cache(maxsize=1024)
-def _ip_target(address: Address) -> tuple[socket.AddressFamily, tuple[str, int]] | None:
+def ip_target(address: Address) -> tuple[socket.AddressFamily, tuple[str, int]] | None:
     """Family and sockaddr of an IP address; None for a name. A pure memo:
     ``Address.is_ip`` parses the host with ipaddress, 2-3 us per dial."""
     if not address.is_ip:
@@ -125,29 +126,40 @@ class LocalResourceError(OSError):
     """kap itself is out of fds or memory: not the upstream's fault, so not counted against it."""
 
 
-async def dial(address: Address, options: TcpOptions) -> socket.socket:
-    """Connect a non-blocking socket to ``address``.
+Target = tuple[socket.AddressFamily, tuple[str, int]]
 
-    No timeout of its own: the caller wraps it in ``trio.fail_after``.
+
+async def resolve(address: Address) -> Target:
+    """Family and sockaddr of ``address``: at once for an IP, else getaddrinfo.
 
     Raises:
-      DialError: refused, unreachable, reset, or the name did not resolve.
-
-    Cancellation: the half-open socket is closed.
+      DialError: the name did not resolve.
     """
-    target = _ip_target(address)
+    target = ip_target(address)
     if target is not None:
-        family, sockaddr = target
-    else:
-        try:
-            infos = await trio.socket.getaddrinfo(
-                address.host, address.port, type=socket.SOCK_STREAM
-            )
-        except OSError as e:
-            raise DialError(f"cannot resolve {address.host}: {e.strerror or e}") from None
-        if not infos:
-            raise DialError(f"cannot resolve {address.host}")
-        family, sockaddr = infos[0][0], (str(infos[0][4][0]), int(infos[0][4][1]))
+        await trio.lowlevel.checkpoint()
+        return target
+    try:
+        infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise DialError(f"cannot resolve {address.host}: {e.strerror or e}") from None
+    if not infos:
+        raise DialError(f"cannot resolve {address.host}")
+    return infos[0][0], (str(infos[0][4][0]), int(infos[0][4][1]))
+
+
+def start_connect(target: Target, options: TcpOptions) -> socket.socket:
+    """A non-blocking socket with ``options`` whose connect() to ``target`` has begun.
+
+    The connect is usually still in progress: the caller waits for the socket
+    to turn writable and reads SO_ERROR (``Relay.relay(..., connect_by=...)``
+    does both in the pump's epoll set), under its own deadline.
+
+    Raises:
+      DialError: the connect failed at once (refused, unreachable).
+      LocalResourceError: kap is out of fds.
+    """
+    family, sockaddr = target
     # SOCK_NONBLOCK: non-blocking from socket() on, without a separate ioctl.
     try:
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -158,10 +170,7 @@ async def dial(address: Address, options: TcpOptions) -> socket.socket:
     try:
         options.apply(sock)
         err = sock.connect_ex(sockaddr)
-        if err in (errno.EINPROGRESS, errno.EAGAIN):
-            await trio.lowlevel.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
+        if err and err not in (errno.EINPROGRESS, errno.EAGAIN):
             raise DialError(err, os.strerror(err))
     except BaseException:
         sock.close()

@@ -84,6 +84,17 @@ async def wait_until(predicate: Any, *, timeout: float = 10.0, step: float = 0.0
             await trio.sleep(step)
 
 
+def settled(app: App) -> bool:
+    """Every upstream usable at full score: round-robin then spreads over all of them.
+
+    (Within a tier kap prefers the best score, so right after start, when one
+    upstream has passed one probe more than another, it gets every client.)
+    """
+    from kap.pool import SCORE_MAX
+
+    return all(u.usable and u.score == SCORE_MAX for u in app.pool.upstreams)
+
+
 def upstream(app: App, fake: Any) -> Any:
     from kap.address import Address
 

@@ -153,3 +153,27 @@ async def test_failures_and_recovery_are_reported(autojump_clock: trio.testing.M
         nursery.cancel_scope.cancel()
     assert [c.kind for c in seen] == ["healthy", "unhealthy", "healthy"]
     assert fall_time == pytest.approx(0.5 + 3 * sched.fast_delay, abs=0.02)
+
+
+async def test_a_timeout_noticed_late_because_kap_was_busy_is_not_counted() -> None:
+    """Real clock: a task blocks the loop past the probe's deadline."""
+    import time
+
+    pool = Pool()
+    pool.set_source(SOURCE_FLAG, [A], now=0)
+    prober = ScriptedProber({A: "hang"})
+    sched = scheduler(pool, prober, timeout=0.05)
+
+    async def hog() -> None:
+        await trio.sleep(0.01)
+        time.sleep(0.2)  # noqa: ASYNC251 -- the point: kap's loop stalls
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(hog)
+            busy = await sched.probe_once(A)
+        plain = await sched.probe_once(A)  # nothing blocks now: a real timeout
+    assert busy.inconclusive
+    assert plain.error == "timeout after 50ms"
+    up = pool.get(A)
+    assert up is not None and up.probes_total == 1 and sched.inconclusive_total == 1

@@ -10,7 +10,7 @@ import kaptest
 import pytest
 import trio
 from fakeapi import PkiFiles
-from kaptest import StartFake, get_json, make_config, start_kap, upstream, wait_until, who
+from kaptest import StartFake, get_json, make_config, settled, start_kap, upstream, wait_until, who
 
 from kap.address import Address
 from kap.pool import SCORE_MAX
@@ -31,7 +31,7 @@ async def test_balances_across_equal_upstreams(
 ) -> None:
     fakes = [await start_fake(n) for n in "abc"]
     app, bound = await start_kap(nursery, make_config(pki, fallback_upstreams=fallback(*fakes)))
-    await wait_until(lambda: all(upstream(app, f).usable for f in fakes))
+    await wait_until(lambda: settled(app))
     seen = Counter([await who(bound.proxy) for _ in range(30)])
     assert seen == {"a": 10, "b": 10, "c": 10}
 
@@ -41,7 +41,7 @@ async def test_killed_upstream_gets_no_new_connections_and_clients_see_no_errors
 ) -> None:
     a, b = await start_fake("a"), await start_fake("b")
     app, bound = await start_kap(nursery, make_config(pki, fallback_upstreams=fallback(a, b)))
-    await wait_until(lambda: upstream(app, a).usable and upstream(app, b).usable)
+    await wait_until(lambda: settled(app))
     assert {await who(bound.proxy) for _ in range(4)} == {"a", "b"}
     a.stop()  # listener closed: dials are refused from now on
     answers = [await who(bound.proxy) for _ in range(20)]
@@ -208,7 +208,7 @@ async def test_upstreams_and_metrics_report_the_state_without_moving_the_cursor(
 ) -> None:
     a, b = await start_fake("a"), await start_fake("b")
     app, bound = await start_kap(nursery, make_config(pki, fallback_upstreams=fallback(a, b)))
-    await wait_until(lambda: upstream(app, a).usable and upstream(app, b).usable)
+    await wait_until(lambda: settled(app))
     first = await who(bound.proxy)
     for _ in range(3):
         doc = await get_json(bound.health, "/upstreams")

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import random
+import select
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 from kap.relay import (
     BUFFER_SIZE,
+    CONNECT_TIMEOUT,
     PIPE_POOL_MAX,
     Relay,
     RelayNotRunningError,
@@ -722,3 +724,169 @@ async def test_unix_socketpairs_relay_too() -> None:
             assert got_down == [sha(b"bye")]
             assert results == [RelayResult(len(data), 3, None, None)]
             await w.aclose_ends()
+
+
+# -- dialing through the pump (relay(..., connect_by=...)) -----------------------
+
+
+def fill_accept_queue(listener: socket.socket) -> list[socket.socket]:
+    """Connects that fill a ``listen(0)`` queue, so later SYNs are dropped (a dial hangs)."""
+    queued = [connecting_socket(listener.getsockname()) for _ in range(3)]
+    _, writable, _ = select.select([], queued, [], 1.0)  # the ones that got in
+    assert writable
+    return queued
+
+
+def connecting_socket(address: tuple[str, int]) -> socket.socket:
+    """A non-blocking socket whose connect() to ``address`` has begun, as the proxy's."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock.connect_ex(address)
+    return sock
+
+
+async def test_dial_through_the_pump_connects_then_relays_both_ways() -> None:
+    client_end, csock = tcp_pair()
+    csock.setblocking(False)
+    client = trio.SocketStream(trio.socket.from_stdlib_socket(client_end))
+    with socket.create_server(("127.0.0.1", 0)) as listener, trio.fail_after(10):
+        async with running_relay() as relay, trio.open_nursery() as n:
+            await client.send_all(b"sent before the upstream answered")
+            usock = connecting_socket(listener.getsockname())
+            connected: list[int] = []
+            results: list[RelayResult] = []
+
+            async def caller() -> None:
+                try:
+                    results.append(
+                        await relay.relay(
+                            csock,
+                            usock,
+                            connect_by=trio.current_time() + 5,
+                            on_connected=lambda: connected.append(relay.bytes_up),
+                        )
+                    )
+                finally:
+                    csock.close()
+                    usock.close()
+
+            n.start_soon(caller)
+            await wait_for(lambda: connected == [0])  # before any byte moved
+            end, _ = listener.accept()
+            upstream = trio.SocketStream(trio.socket.from_stdlib_socket(end))
+            assert await upstream.receive_some(100) == b"sent before the upstream answered"
+            await upstream.send_all(b"answer")
+            assert await client.receive_some(100) == b"answer"
+            await client.send_eof()
+            assert await upstream.receive_some(100) == b""
+            await upstream.aclose()
+            assert await client.receive_some(100) == b""
+            await client.aclose()
+        assert results == [RelayResult(33, 6, None, None)]
+        assert relay._dialing == {} and relay._by_fd == {}
+
+
+async def test_refused_dial_through_the_pump_leaves_the_client_for_the_next_try() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = s.getsockname()  # bound, not listening
+        w = make_wire()
+        with trio.fail_after(10):
+            async with running_relay() as relay:
+                await w.client.send_all(b"kept for the next upstream")
+                dead = connecting_socket(refused)
+                try:
+                    result = await relay.relay(
+                        w.csock,
+                        dead,
+                        connect_by=trio.current_time() + 5,
+                        on_connected=lambda: pytest.fail("never connected"),
+                    )
+                finally:
+                    dead.close()
+                assert result == RelayResult(0, 0, "Connection refused", "upstream", True)
+                assert relay.active == 0 and relay._dialing == {}
+                assert epoll_registrations(relay) == 0
+                # The client socket is untouched: the next upstream gets its bytes.
+                assert await serve_and_check(relay, w) == RelayResult(26, 0, None, None)
+
+
+async def serve_and_check(relay: Relay, w: Wire) -> RelayResult:
+    async with trio.open_nursery() as n:
+        results: list[RelayResult] = []
+
+        async def run() -> None:
+            results.append(await serve(relay, w))
+
+        n.start_soon(run)
+        assert await w.upstream.receive_some(100) == b"kept for the next upstream"
+        await w.upstream.send_eof()
+        await w.client.send_eof()
+        assert await w.client.receive_some(100) == b""
+        assert await w.upstream.receive_some(100) == b""
+    await w.aclose_ends()
+    return results[0]
+
+
+async def test_dial_through_the_pump_times_out_at_connect_by() -> None:
+    # A listener whose accept queue is full drops further SYNs: a connect hangs.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = fill_accept_queue(full)
+        w = make_wire()
+        with trio.fail_after(10):
+            async with running_relay() as relay:
+                hanging = [connecting_socket(full.getsockname()) for _ in range(3)]
+                results: dict[int, RelayResult] = {}
+                started = trio.current_time()
+
+                async def dial(i: int, after: float) -> None:
+                    results[i] = await relay.relay(
+                        socket.socket(fileno=os.dup(w.csock.fileno())) if i else w.csock,
+                        hanging[i],
+                        connect_by=started + after,
+                    )
+                    assert trio.current_time() - started == pytest.approx(after, abs=0.15)
+
+                async with trio.open_nursery() as n:
+                    # Later deadlines first: the expiry task must wake for the earliest.
+                    for i, after in ((0, 0.6), (1, 0.4), (2, 0.2)):
+                        n.start_soon(dial, i, after)
+                for sock in hanging:
+                    sock.close()
+                assert set(results.values()) == {
+                    RelayResult(0, 0, CONNECT_TIMEOUT, "upstream", True)
+                }
+                assert relay.active == 0 and relay._dialing == {}
+        for s in queued:
+            s.close()
+        w.csock.close()
+        w.usock.close()
+        await w.aclose_ends()
+
+
+async def test_cancelled_dial_through_the_pump_unregisters_the_upstream() -> None:
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = fill_accept_queue(full)
+        w = make_wire()
+        with trio.fail_after(10):
+            async with running_relay() as relay:
+                hanging = connecting_socket(full.getsockname())
+                with trio.move_on_after(0.2) as scope:
+                    await relay.relay(w.csock, hanging, connect_by=trio.current_time() + 5)
+                assert scope.cancelled_caught
+                assert relay.active == 0 and relay._dialing == {}
+                assert epoll_registrations(relay) == 0
+                hanging.close()
+        for s in queued:
+            s.close()
+        w.csock.close()
+        w.usock.close()
+        await w.aclose_ends()
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await trio.sleep(0.01)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 from fakeapi import PkiFiles, fake_api_process
-from kaptest import StartFake, make_config, one_tier, start_kap, wait_until, who
+from kaptest import StartFake, make_config, one_tier, settled, start_kap, wait_until, who
 from netns import Netns, NetnsUnavailable
 
 from kap.address import Address
@@ -54,7 +54,7 @@ async def test_blackholed_upstream_dials_fail_over_and_connections_die(
             health_timeout="100ms",
         )
         app, bound = await start_kap(nursery, cfg)
-        await wait_until(lambda: all(u.usable for u in app.pool.upstreams), timeout=10)
+        await wait_until(lambda: settled(app), timeout=10)
         # Idle long-lived connections (watches) through kap to the holed apiserver.
         idle = []
         for _ in range(6):
