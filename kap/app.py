@@ -275,7 +275,7 @@ class App:
             while True:
                 await trio.sleep(HOUSEKEEPING_PERIOD)
                 now = trio.current_time()
-                if trim.observe(self.proxy.active):
+                if trim.observe(self.proxy.active, self.proxy.stats.accepted_total):
                     release_free_memory()
                 gone = self.pool.expire(now)
                 for up in gone:

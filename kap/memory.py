@@ -16,21 +16,31 @@ import ctypes.util
 import attrs
 
 # Trim once the open connections fell below half their peak, and only when the
-# peak was large enough to matter (1,000 connections are about 4 MiB).
+# peak was large enough to matter (1,000 connections are about 4 MiB) ...
 TRIM_MIN_PEAK = 1000
+# ... or after this many connections came and went (churn fragments the heap
+# too; a trim costs a few milliseconds, so at most one per 20,000 connections
+# while busy), or once nothing is open after at least TRIM_MIN_PEAK came and went.
+TRIM_EVERY_ACCEPTED = 20_000
 
 
 @attrs.define
 class TrimPolicy:
-    """Pure: decides when a trim is worth it, from the open-connection count."""
+    """Pure: decides when a trim is worth it, from the connection counters."""
 
     peak: int = 0
+    accepted_at_trim: int = 0
 
-    def observe(self, active: int) -> bool:
-        """Feed the current count; True when memory should be trimmed now."""
+    def observe(self, active: int, accepted_total: int = 0) -> bool:
+        """Feed the current counts; True when memory should be trimmed now."""
         self.peak = max(self.peak, active)
-        if self.peak >= TRIM_MIN_PEAK and active * 2 < self.peak:
+        dropped = self.peak >= TRIM_MIN_PEAK and active * 2 < self.peak
+        since = accepted_total - self.accepted_at_trim
+        churned = since >= TRIM_EVERY_ACCEPTED and active * 2 < TRIM_MIN_PEAK
+        settled = since >= TRIM_MIN_PEAK and active == 0  # a burst of work just ended
+        if dropped or churned or settled:
             self.peak = active
+            self.accepted_at_trim = accepted_total
             return True
         return False
 
