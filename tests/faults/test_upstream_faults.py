@@ -76,8 +76,9 @@ async def test_dead_upstream_costs_clients_nothing(
         assert failed == []
         assert to_dead == []
         # Each client may have been dialing it at the moment it died; after its
-        # first failed dial it is suspect and gets nothing more.
-        assert 1 <= dead.dial_failures_total <= 4
+        # first failed dial it is suspect and gets nothing more. (Often none:
+        # the resets of its open connections, or a probe, took it out first.)
+        assert dead.dial_failures_total <= 4
         assert not dead.usable
 
 
