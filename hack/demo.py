@@ -155,7 +155,10 @@ async def main() -> int:
                 kap = subprocess.Popen(args, stderr=log, env=env)
                 try:
                     plane = ControlPlane(pki, port, slices, extra)
-                    return await scenario(kap, listen, health, a, log_path, plane, fallback)
+                    try:
+                        return await scenario(kap, listen, health, a, log_path, plane, fallback)
+                    finally:
+                        await plane.aclose()
                 finally:
                     kap.terminate()
                     try:
@@ -205,21 +208,6 @@ def healthy(doc: dict[str, Any]) -> set[str]:
 
 
 async def scenario(
-    kap: subprocess.Popen[bytes],
-    listen: int,
-    health: int,
-    victim: Any,
-    log_path: Path,
-    plane: ControlPlane,
-    fallback: Path,
-) -> int:
-    try:
-        return await _scenario(kap, listen, health, victim, log_path, plane, fallback)
-    finally:
-        await plane.aclose()
-
-
-async def _scenario(
     kap: subprocess.Popen[bytes],
     listen: int,
     health: int,
