@@ -135,7 +135,11 @@ class App:
     # ---- membership and logging -------------------------------------------
 
     def on_changes(self, changes: list[Change]) -> None:
-        """Log what changed about upstreams; follow membership changes with the probes."""
+        """Log what changed about upstreams; follow membership changes with the probes.
+
+        An upstream turning usable is passed on to discovery, which leaves
+        the default Service for it.
+        """
         for ch in changes:
             log = logger.bind(upstream=str(ch.address), reason=ch.reason)
             if ch.kind == "healthy":
@@ -153,6 +157,8 @@ class App:
                 log.info(f"upstream {ch.kind}")
         if any(ch.kind in MEMBERSHIP_KINDS for ch in changes):
             self.probes.sync()
+        if self.discovery is not None and any(ch.kind == "healthy" for ch in changes):
+            self.discovery.upstream_usable()
 
     def set_source(self, source: str, addresses: list[Address]) -> None:
         self.on_changes(self.pool.set_source(source, addresses, now=trio.current_time()))
