@@ -21,6 +21,9 @@ client traffic does. The apiserver certificate is verified against
 ``--tls-server-name`` (sent as SNI; empty = the dialed address) and proxies
 from the environment are ignored (``trust_env=False``).
 
+Discovery sends credentials, so it runs only with a CA that verifies the
+apiservers: without one it is off (one error line; ``status`` says why).
+
 Why lightkube, and how: the request side is lightkube 1.x's ``AsyncClient``
 (``list`` and ``watch`` for the resource, the selector, resourceVersion
 handling, ``ApiError`` for a ``Status``), one client per session with a
@@ -300,15 +303,42 @@ class EndpointSliceWatcher:
 
     # ---- the loop ----------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Discover until cancelled. Returns at once when there are no credentials."""
+    def off_reasons(self) -> list[tuple[str, str]]:
+        """Why discovery cannot run, each with what to give; empty when it can.
+
+        No credentials: nothing to authenticate with. No CA: kap presents
+        credentials only to an apiserver whose certificate it verified, so
+        discovery would have nothing to authenticate with either.
+        """
+        out = []
         if not self.has_credentials:
+            out.append(
+                (
+                    "no credentials",
+                    "--kubeconfig, --token-file, --cert-file/--key-file, --as-static-pod "
+                    "or a ServiceAccount",
+                )
+            )
+        if not self.credentials.verifies:
+            out.append(
+                (
+                    "no CA to verify the apiservers (credentials go only to a verified apiserver)",
+                    "--ca-file, a kubeconfig with a certificate authority, --as-static-pod "
+                    "or a ServiceAccount",
+                )
+            )
+        return out
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Discover until cancelled. Returns at once when it cannot (``off_reasons``)."""
+        off = self.off_reasons()
+        if off:
             self.mode = "off"
-            self.last_error = "no credentials"
+            self.last_error = "; ".join(why for why, _ in off)
+            give = "; ".join(what for _, what in off)
             logger.bind(credentials=self.credentials.files.origin).error(
-                "discovery has no credentials (give --kubeconfig, --token-file, "
-                "--cert-file/--key-file or --as-static-pod, or run with a ServiceAccount); "
-                "kap balances the fallback upstreams only"
+                f"discovery is off: {self.last_error}. Give {give}. "
+                "kap balances the starting upstreams only"
             )
             task_status.started()
             return

@@ -23,7 +23,7 @@ import msgspec
 import pytest
 import trio
 from fakeapi import FakeApiServer, PkiFiles, SliceStore, endpoint_slice, garbage_slices
-from kaptest import StartFake, get_json, make_config, start_kap, wait_until, who
+from kaptest import FAST, StartFake, get_json, make_config, start_kap, wait_until, who
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.resources.discovery_v1 import EndpointSlice
@@ -578,10 +578,49 @@ async def test_without_credentials_one_error_line_and_the_fallbacks_still_serve(
     config = parse_config(raw, environ={}, readable=lambda p: None if p == raw["ca_file"] else "no")
     app, bound = await start_kap(nursery, config)
     errors = messages(logs, "ERROR")
-    assert len(errors) == 1 and errors[0].startswith("discovery has no credentials")
+    assert len(errors) == 1 and errors[0].startswith("discovery is off: no credentials. Give ")
     assert watcher(app).status()["mode"] == "off"
+    assert watcher(app).status()["last_error"] == "no credentials"
     await wait_until(lambda: len(app.pool.usable()) == 2)
     assert {await who(bound.proxy) for _ in range(4)} <= set(HOSTS[:2])
+
+
+@bounded(15)
+async def test_without_a_verifying_ca_discovery_is_off_and_says_why(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    logs: list[dict[str, Any]],
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:2], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    raw = {
+        **FAST,
+        "discovery": "true",
+        "discover_period": PERIOD,
+        "token_file": str(pki.token_file),
+        "fallback_upstreams": f"{HOSTS[0]}:{free_port}",
+    }
+    # A token, but no CA: neither given nor a ServiceAccount's on this machine.
+    token = raw["token_file"]
+    config = parse_config(raw, environ={}, readable=lambda p: None if p == token else "no")
+    app, bound = await start_kap(nursery, config)
+    errors = messages(logs, "ERROR")
+    assert len(errors) == 1 and errors[0].startswith(
+        "discovery is off: no CA to verify the apiservers (credentials go only to a verified "
+        "apiserver). Give --ca-file, "
+    )
+    doc = (await get_json(bound.health, "/upstreams"))["discovery"]
+    assert doc["mode"] == "off"
+    assert doc["last_error"] == (
+        "no CA to verify the apiservers (credentials go only to a verified apiserver)"
+    )
+    # Probes still tell it alive (a 401 is alive) and clients go there; discovery never asked.
+    await wait_until(lambda: len(app.pool.usable()) == 1)
+    assert await who(bound.proxy) == HOSTS[0]
+    assert discovered(app) == set() and slice_requests(*fakes.values()) == []
 
 
 def write_kubeconfig(path: Path, pki: PkiFiles, server: str, **extra: Any) -> None:
