@@ -221,6 +221,13 @@ class App:
             await root.start(self.relay.run)
             health = await root.start(self.health.run)
             self.load_static_sources()
+            if not self.pool and c.default_service is None:
+                # Valid flags with nothing to balance: say what to give, keep serving.
+                logger.error(
+                    "kap has no upstream to start from: give --fallback-upstreams host:port,..., "
+                    "a --fallback-file with entries, or --kubeconfig, or run in a pod "
+                    "(KUBERNETES_SERVICE_HOST/PORT) with discovery; kap keeps running"
+                )
             await root.start(self.probes.run)
             root.start_soon(self._housekeeping)
             if self.discovery is not None:

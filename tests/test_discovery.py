@@ -623,6 +623,28 @@ async def test_without_a_verifying_ca_discovery_is_off_and_says_why(
     assert discovered(app) == set() and slice_requests(*fakes.values()) == []
 
 
+@pytest.mark.parametrize("discovery", ["false", "true"])
+@bounded(15)
+async def test_with_no_upstream_source_one_error_line_names_what_to_give_and_kap_keeps_serving(
+    nursery: trio.Nursery, pki: PkiFiles, logs: list[dict[str, Any]], discovery: str
+) -> None:
+    # No starting upstreams, no Service env; discovery off, or on with credentials.
+    config = make_config(pki, discovery=discovery, token_file=str(pki.token_file))
+    app, bound = await start_kap(nursery, config)
+    errors = messages(logs, "ERROR")
+    assert errors[0] == (
+        "kap has no upstream to start from: give --fallback-upstreams host:port,..., "
+        "a --fallback-file with entries, or --kubeconfig, or run in a pod "
+        "(KUBERNETES_SERVICE_HOST/PORT) with discovery; kap keeps running"
+    )
+    assert errors[1:] in ([], ["discovery failed; keeping the current upstreams"])
+    await trio.sleep(0.3)  # a few health intervals and discovery attempts
+    async with httpx2.AsyncClient(trust_env=False) as client:
+        r = await client.get(f"http://{bound.health}/healthz")
+    assert r.status_code == 200 and r.text == "ok\n"
+    assert len(app.pool) == 0
+
+
 def write_kubeconfig(path: Path, pki: PkiFiles, server: str, **extra: Any) -> None:
     cluster = {
         "server": server,
