@@ -135,7 +135,11 @@ class App:
     # ---- membership and logging -------------------------------------------
 
     def on_changes(self, changes: list[Change]) -> None:
-        """Log what changed about upstreams; follow membership changes with the probes."""
+        """Log what changed about upstreams; follow membership changes with the probes.
+
+        An upstream turning usable is passed on to discovery, which leaves
+        the default Service for it.
+        """
         for ch in changes:
             log = logger.bind(upstream=str(ch.address), reason=ch.reason)
             if ch.kind == "healthy":
@@ -153,6 +157,8 @@ class App:
                 log.info(f"upstream {ch.kind}")
         if any(ch.kind in MEMBERSHIP_KINDS for ch in changes):
             self.probes.sync()
+        if self.discovery is not None and any(ch.kind == "healthy" for ch in changes):
+            self.discovery.upstream_usable()
 
     def set_source(self, source: str, addresses: list[Address]) -> None:
         self.on_changes(self.pool.set_source(source, addresses, now=trio.current_time()))
@@ -215,6 +221,13 @@ class App:
             await root.start(self.relay.run)
             health = await root.start(self.health.run)
             self.load_static_sources()
+            if not self.pool and c.default_service is None:
+                # Valid flags with nothing to balance: say what to give, keep serving.
+                logger.error(
+                    "kap has no upstream to start from: give --fallback-upstreams host:port,..., "
+                    "a --fallback-file with entries, or --kubeconfig, or run in a pod "
+                    "(KUBERNETES_SERVICE_HOST/PORT) with discovery; kap keeps running"
+                )
             await root.start(self.probes.run)
             root.start_soon(self._housekeeping)
             if self.discovery is not None:

@@ -7,13 +7,22 @@ Each time the union of ready addresses changes it calls ``on_update`` (the
 app puts the set into the pool as source ``discovery`` and rewrites the
 fallback file).
 
-How it reaches the API: through an upstream the pool picks (``Pool.pick``,
-the same choice client traffic gets; when nothing is usable yet, the pool's
-other members by score), never through the ClusterIP Service, which may
-itself need kap. So discovery fails over like client traffic does. The
-apiserver certificate is verified against ``--tls-server-name`` (sent as
-SNI; empty = the dialed address) and proxies from the environment are
-ignored (``trust_env=False``).
+How it reaches the API: through an upstream of the pool's best group
+(``Pool.best``, what client traffic is picked from, chosen at random so the
+nodes spread their watches; a query, so the clients' round-robin does not
+move); when nothing is usable yet, the pool's other members in turn. Only
+when the pool holds no upstream at all (a kap started without starting
+upstreams) does it ask the ``kubernetes`` Service's ClusterIP
+(``KUBERNETES_SERVICE_HOST:PORT``): a last resort, since reaching it needs
+the node's Service routing, which may itself need kap. The Service is never
+an upstream (never in the pool, never probed), and discovery leaves it as
+soon as a discovered apiserver is usable. So discovery fails over like
+client traffic does. The apiserver certificate is verified against
+``--tls-server-name`` (sent as SNI; empty = the dialed address) and proxies
+from the environment are ignored (``trust_env=False``).
+
+Discovery sends credentials, so it runs only with a CA that verifies the
+apiservers: without one it is off (one error line; ``status`` says why).
 
 Why lightkube, and how: the request side is lightkube 1.x's ``AsyncClient``
 (``list`` and ``watch`` for the resource, the selector, resourceVersion
@@ -220,6 +229,8 @@ class EndpointSliceWatcher:
     _last_skipped: frozenset[str] = attrs.field(default=frozenset(), alias="_last_skipped")
     _error_logged_at: float | None = attrs.field(default=None, alias="_error_logged_at")
     _errors_unlogged: int = attrs.field(default=0, alias="_errors_unlogged")
+    _asking_service: bool = attrs.field(default=False, alias="_asking_service")
+    _usable_changed: trio.Event = attrs.field(factory=trio.Event, alias="_usable_changed")
 
     @classmethod
     def from_config(
@@ -292,15 +303,42 @@ class EndpointSliceWatcher:
 
     # ---- the loop ----------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Discover until cancelled. Returns at once when there are no credentials."""
+    def off_reasons(self) -> list[tuple[str, str]]:
+        """Why discovery cannot run, each with what to give; empty when it can.
+
+        No credentials: nothing to authenticate with. No CA: kap presents
+        credentials only to an apiserver whose certificate it verified, so
+        discovery would have nothing to authenticate with either.
+        """
+        out = []
         if not self.has_credentials:
+            out.append(
+                (
+                    "no credentials",
+                    "--kubeconfig, --token-file, --cert-file/--key-file, --as-static-pod "
+                    "or a ServiceAccount",
+                )
+            )
+        if not self.credentials.verifies:
+            out.append(
+                (
+                    "no CA to verify the apiservers (credentials go only to a verified apiserver)",
+                    "--ca-file, a kubeconfig with a certificate authority, --as-static-pod "
+                    "or a ServiceAccount",
+                )
+            )
+        return out
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Discover until cancelled. Returns at once when it cannot (``off_reasons``)."""
+        off = self.off_reasons()
+        if off:
             self.mode = "off"
-            self.last_error = "no credentials"
+            self.last_error = "; ".join(why for why, _ in off)
+            give = "; ".join(what for _, what in off)
             logger.bind(credentials=self.credentials.files.origin).error(
-                "discovery has no credentials (give --kubeconfig, --token-file, "
-                "--cert-file/--key-file or --as-static-pod, or run with a ServiceAccount); "
-                "kap balances the fallback upstreams only"
+                f"discovery is off: {self.last_error}. Give {give}. "
+                "kap balances the starting upstreams only"
             )
             task_status.started()
             return
@@ -309,8 +347,13 @@ class EndpointSliceWatcher:
         while True:
             target = self._choose(avoid)
             if target is None:
-                self._failed(None, "no upstream to ask: the pool is empty")
+                self._failed(
+                    None,
+                    "no upstream to ask: the pool is empty and there is no kubernetes Service "
+                    "(KUBERNETES_SERVICE_HOST)",
+                )
             else:
+                self._note_service(target)
                 try:
                     await self._session(target)
                     avoid = None
@@ -327,66 +370,110 @@ class EndpointSliceWatcher:
             )
 
     def _choose(self, avoid: Address | None) -> Address | None:
-        """The upstream to ask: the pool's pick, else the other members by score.
+        """The upstream to ask: one of the pool's best, else the other members in turn.
 
-        The default Service is never asked (it may need kap itself); after a
-        failure, another upstream is preferred when there is one.
+        After a failure, another upstream than ``avoid`` is preferred when
+        there is one. The default Service only when the pool holds no
+        upstream at all (it may need kap itself); None without one. Only
+        queries the pool: the clients' round-robin does not move.
         """
-        usable = [u.address for u in self.pool.usable()]
-        if usable:
-            picked = self.pool.pick()
-            choice = usable[0] if picked is None else picked.address
-            if choice == avoid:
-                choice = next((a for a in usable if a != avoid), choice)
-            return choice
-        others = [a for a in self.pool.candidates() if a != self.pool.default_service]
-        if not others:
-            return None
-        if len(others) > 1 and avoid in others:
-            others.remove(avoid)
+        best = [u.address for u in self.pool.best()]
+        if best:
+            usable = [u.address for u in self.pool.usable()]
+            fresh = [a for a in best if a != avoid] or [a for a in usable if a != avoid] or best
+            return self.rng.choice(fresh)
+        members = [u.address for u in self.pool.upstreams]
+        if not members:
+            return self.pool.default_service
+        if len(members) > 1 and avoid in members:
+            members.remove(avoid)
         self._attempts += 1
-        return others[self._attempts % len(others)]
+        return members[self._attempts % len(members)]
+
+    def _note_service(self, target: Address) -> None:
+        """Log (once per stay) that discovery asks the Service, the last resort."""
+        service = target not in self.pool
+        if service and not self._asking_service:
+            logger.bind(service=str(target)).info(
+                "discovery asks the kubernetes Service: the pool has no upstream yet "
+                "(a last resort; it moves to a discovered apiserver once one is usable)"
+            )
+        self._asking_service = service
 
     async def _session(self, target: Address) -> None:
         """List and watch through ``target`` until it fails or should be left.
 
         Returns (no error) when the target is no longer usable while another
-        upstream is, or when the TLS credentials were rotated.
+        upstream is, or when the TLS credentials were rotated. A target that
+        is not a pool member is the default Service: left as soon as any
+        upstream is usable, not only after the next list.
 
         Raises:
           DiscoveryError: the list or the watch failed.
         """
-        generation = self.credentials.generation
         async with self._client(target) as client:
-            quiet = 0
-            while True:
-                deadline = trio.current_time() + self.period
-                self.mode = "list"
-                rv = await self._list(client, target)
-                self.credentials.ssl_context()  # a stat per file: notices rotated certificates
-                if self.credentials.generation != generation or self._should_leave(target):
-                    return
-                while trio.current_time() < deadline:
-                    self.mode = "watch"
-                    events = 0
-                    gone = False
-                    with trio.move_on_at(deadline) as period:
-                        try:
-                            rv, events = await self._watch(client, target, rv)
-                        except _Gone:
-                            gone = True
-                    if period.cancelled_caught:
-                        quiet = 0  # a watch that lasted the period: time to list
-                        break
-                    quiet = 0 if events else quiet + 1
-                    if quiet >= QUIET_WATCHES_BEFORE_POLLING and trio.current_time() < deadline:
-                        # Watches end as soon as they open (410 after 410, or a
-                        # server closing them): wait for the next list.
-                        self.mode = "poll"
-                        await trio.sleep_until(deadline)
-                    if gone:
-                        logger.bind(upstream=str(target)).debug("watch expired (410); re-listing")
-                        break
+            if target in self.pool:
+                await self._follow(client, target)
+                return
+            failed: DiscoveryError | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._leave_when_usable, target, nursery.cancel_scope)
+                try:
+                    await self._follow(client, target)
+                except DiscoveryError as e:
+                    failed = e  # raised below, not as an ExceptionGroup
+                nursery.cancel_scope.cancel()
+            if failed is not None:
+                raise failed
+
+    def upstream_usable(self) -> None:
+        """An upstream turned usable (the app passes on the pool's "healthy" changes).
+
+        Ends a stay on the default Service at once, not at the next list.
+        """
+        self._usable_changed.set()
+
+    async def _leave_when_usable(self, service: Address, session: trio.CancelScope) -> None:
+        while not self.pool.usable():
+            self._usable_changed = trio.Event()
+            await self._usable_changed.wait()
+        logger.bind(service=str(service)).info(
+            "discovery leaves the kubernetes Service: a discovered apiserver is usable"
+        )
+        session.cancel()
+
+    async def _follow(self, client: AsyncClient, target: Address) -> None:
+        """The body of ``_session``: list, watch until the period ends, list again."""
+        generation = self.credentials.generation
+        quiet = 0
+        while True:
+            deadline = trio.current_time() + self.period
+            self.mode = "list"
+            rv = await self._list(client, target)
+            self.credentials.ssl_context()  # a stat per file: notices rotated certificates
+            if self.credentials.generation != generation or self._should_leave(target):
+                return
+            while trio.current_time() < deadline:
+                self.mode = "watch"
+                events = 0
+                gone = False
+                with trio.move_on_at(deadline) as period:
+                    try:
+                        rv, events = await self._watch(client, target, rv)
+                    except _Gone:
+                        gone = True
+                if period.cancelled_caught:
+                    quiet = 0  # a watch that lasted the period: time to list
+                    break
+                quiet = 0 if events else quiet + 1
+                if quiet >= QUIET_WATCHES_BEFORE_POLLING and trio.current_time() < deadline:
+                    # Watches end as soon as they open (410 after 410, or a
+                    # server closing them): wait for the next list.
+                    self.mode = "poll"
+                    await trio.sleep_until(deadline)
+                if gone:
+                    logger.bind(upstream=str(target)).debug("watch expired (410); re-listing")
+                    break
 
     def _should_leave(self, target: Address) -> bool:
         up = self.pool.get(target)

@@ -27,7 +27,7 @@ calls, decisions go out as return values. The rules, which the tests hold it to:
 * Pick: the lowest tier that has a usable upstream wins; inside it, the
   upstreams with the best score (the stable ones: a flapping upstream hovers
   below the maximum), round-robin with one cursor per tier. Reading state
-  (``upstreams``, ``usable``) never moves a cursor.
+  (``upstreams``, ``usable``, ``best``) never moves a cursor.
 * Candidates for one client: the pick, then the other usable upstreams (best
   tier first), then the default Kubernetes Service, then every other upstream
   by score ("panic mode"): kap never refuses a client while something might
@@ -217,15 +217,26 @@ class Pool:
 
     # ---- selection ---------------------------------------------------------
 
-    def pick(self) -> Upstream | None:
-        """The next upstream for a client: lowest usable tier, round-robin inside it."""
+    def best(self) -> list[Upstream]:
+        """What ``pick`` chooses among: the lowest usable tier, best score in it.
+
+        A query: no cursor moves, so a caller that is not a client (discovery
+        choosing where to ask) leaves the clients' round-robin as it was.
+        """
         usable = self.usable()
         if not usable:
-            return None
+            return []
         tier = usable[0].tier if usable[0].tier is not None else MAX_TIER
         group = [u for u in usable if (u.tier if u.tier is not None else MAX_TIER) == tier]
-        best = max(u.score for u in group)
-        group = [u for u in group if u.score == best]
+        top = max(u.score for u in group)
+        return [u for u in group if u.score == top]
+
+    def pick(self) -> Upstream | None:
+        """The next upstream for a client: lowest usable tier, round-robin inside it."""
+        group = self.best()
+        if not group:
+            return None
+        tier = group[0].tier if group[0].tier is not None else MAX_TIER
         cursor = self._cursors.get(tier, 0)
         self._cursors[tier] = cursor + 1
         return group[cursor % len(group)]

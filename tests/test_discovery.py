@@ -23,7 +23,7 @@ import msgspec
 import pytest
 import trio
 from fakeapi import FakeApiServer, PkiFiles, SliceStore, endpoint_slice, garbage_slices
-from kaptest import StartFake, get_json, make_config, start_kap, wait_until, who
+from kaptest import FAST, StartFake, get_json, make_config, start_kap, wait_until, who
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.resources.discovery_v1 import EndpointSlice
@@ -160,33 +160,70 @@ def _pool_with(*usable: str, unusable: tuple[str, ...] = (), default: str | None
     return pool
 
 
-def test_discovery_asks_a_usable_upstream_and_never_the_default_service() -> None:
-    creds = CredentialFiles(Credentials(token_file="/nonexistent"))
-    pool = _pool_with("10.0.0.1:6443", "10.0.0.2:6443", default="10.96.0.1:443")
-    w = EndpointSliceWatcher(pool, creds, "", 1.0, lambda a: None)
-    picks = {str(w._choose(None)) for _ in range(6)}
-    assert picks == {"10.0.0.1:6443", "10.0.0.2:6443"}  # the pool's round-robin
-    assert str(w._choose(Address.parse("10.0.0.1:6443"))) == "10.0.0.2:6443"
-    # Nothing usable: the other members, rotating, still never the Service.
-    pool = _pool_with(unusable=("10.0.0.1:6443", "10.0.0.2:6443"), default="10.96.0.1:443")
-    w = EndpointSliceWatcher(pool, creds, "", 1.0, lambda a: None)
-    picks = {str(w._choose(None)) for _ in range(6)}
-    assert picks == {"10.0.0.1:6443", "10.0.0.2:6443"}
-    assert str(w._choose(Address.parse("10.0.0.1:6443"))) == "10.0.0.2:6443"
-    assert EndpointSliceWatcher(Pool(), creds, "", 1.0, lambda a: None)._choose(None) is None
+A, B, C = "10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443"
+SVC = "10.96.0.1:443"
+
+
+@pytest.mark.parametrize(
+    ("usable", "unusable", "default", "avoid", "asked"),
+    [
+        # Usable upstreams: one of the pool's best, never the Service.
+        ((A, B), (), SVC, None, {A, B}),
+        ((A, B), (), SVC, A, {B}),  # after a failure, another one
+        ((A,), (), SVC, A, {A}),  # nothing else: the same again
+        ((A,), (C,), SVC, None, {A}),
+        # Nothing usable yet: the other members in turn, still never the Service.
+        ((), (A, B), SVC, None, {A, B}),
+        ((), (A, B), SVC, A, {B}),
+        ((), (C,), SVC, None, {C}),
+        # The pool holds nothing: the Service is the last resort.
+        ((), (), SVC, None, {SVC}),
+        ((), (), SVC, SVC, {SVC}),
+        ((), (), None, None, {"None"}),
+    ],
+)
+def test_discovery_asks_the_service_only_when_the_pool_holds_nothing(
+    pki: PkiFiles,
+    usable: tuple[str, ...],
+    unusable: tuple[str, ...],
+    default: str | None,
+    avoid: str | None,
+    asked: set[str],
+) -> None:
+    creds = CredentialFiles(Credentials(ca_file=str(pki.ca_file), token_file=str(pki.token_file)))
+    pool = _pool_with(*usable, unusable=unusable, default=default)
+    w = EndpointSliceWatcher(pool, creds, "", 1.0, lambda a: None, rng=random.Random(3))
+    gone = None if avoid is None else Address.parse(avoid)
+    assert {str(w._choose(gone)) for _ in range(12)} == asked
+
+
+def test_choosing_where_to_ask_leaves_the_clients_round_robin_alone(pki: PkiFiles) -> None:
+    creds = CredentialFiles(Credentials(ca_file=str(pki.ca_file), token_file=str(pki.token_file)))
+    alone, asked = _pool_with(A, B, C), _pool_with(A, B, C)
+    w = EndpointSliceWatcher(asked, creds, "", 1.0, lambda a: None)
+    expected = [alone.pick() for _ in range(7)]
+    got = []
+    for _ in range(7):
+        w._choose(None)
+        got.append(asked.pick())
+    assert [u and str(u.address) for u in got] == [u and str(u.address) for u in expected]
+    assert len({u and u.address for u in got}) == 3
 
 
 async def test_errors_back_off_to_the_period_and_are_logged_rate_limited(
-    autojump_clock: trio.testing.MockClock, logs: list[dict[str, Any]]
+    autojump_clock: trio.testing.MockClock, logs: list[dict[str, Any]], pki: PkiFiles
 ) -> None:
-    creds = CredentialFiles(Credentials(token_file="/nonexistent"))
+    creds = CredentialFiles(Credentials(ca_file=str(pki.ca_file), token_file=str(pki.token_file)))
     w = EndpointSliceWatcher(Pool(), creds, "", 5.0, lambda a: None, rng=random.Random(7))
     with trio.move_on_after(120):
         await w.run()
     # Delays double from 0.4-0.8 s to the cap (the period, 5 s): about 2.5-5 s each.
     assert 120 / 5 <= w.errors_total <= 120 / 2.5 + 4
     assert w.status()["mode"] == "backoff"
-    assert w.status()["last_error"] == "no upstream to ask: the pool is empty"
+    assert w.status()["last_error"] == (
+        "no upstream to ask: the pool is empty and there is no kubernetes Service "
+        "(KUBERNETES_SERVICE_HOST)"
+    )
     errors = messages(logs, "ERROR")
     assert 1 <= len(errors) <= 120 / ERROR_LOG_INTERVAL + 1
     assert all(m == "discovery failed; keeping the current upstreams" for m in errors)
@@ -224,6 +261,65 @@ async def test_discovers_every_apiserver_from_one_seed_never_via_the_service(
     assert reqs and {r.user for r in reqs} == {"system:serviceaccount:kube-system:kap"}
     assert slice_requests(service) == []
     assert "labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes" in reqs[0].target
+
+
+@bounded(20)
+async def test_starts_without_starting_upstreams_through_the_default_service(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    logs: list[dict[str, Any]],
+) -> None:
+    # 127.0.0.9 plays the ClusterIP: it serves the same slices (one etcd).
+    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
+    service = await start_fake("svc", host="127.0.0.9", port=free_port, require_token=pki.token)
+    service_address = Address("127.0.0.9", free_port)
+    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
+    env = {"KUBERNETES_SERVICE_HOST": "127.0.0.9", "KUBERNETES_SERVICE_PORT": str(free_port)}
+    config = disc_config(pki, free_port, (), environ=env)  # no starting upstreams
+    three = addresses(free_port, *HOSTS[:3])
+
+    def never_an_upstream(done: Callable[[], bool]) -> Callable[[], bool]:
+        def check() -> bool:
+            assert service_address not in app.pool
+            return done()
+
+        return check
+
+    start = trio.current_time()
+    app, bound = await start_kap(nursery, config)
+    w = watcher(app)
+    await wait_until(never_an_upstream(lambda: discovered(app) == three), timeout=3)
+    found = trio.current_time() - start
+    await wait_until(never_an_upstream(lambda: len(app.pool.usable()) == 3), timeout=3)
+    usable = trio.current_time() - start
+    await wait_until(never_an_upstream(lambda: str(w.source_upstream) in three), timeout=3)
+    left = trio.current_time() - start
+    print(
+        f"\ndiscovery through the Service (--discover-period {PERIOD}): set discovered "
+        f"{found * 1e3:.0f} ms, 3 apiservers usable {usable * 1e3:.0f} ms, "
+        f"Service left {left * 1e3:.0f} ms after start"
+    )
+    assert {await who(bound.proxy) for _ in range(9)} <= set(HOSTS[:3])
+    # The Service was asked once, then left: later lists go to the apiservers.
+    asked_service = len(slice_requests(service))
+    assert asked_service >= 1
+    lists = w.lists_total
+    await wait_until(lambda: w.lists_total >= lists + 2)
+    assert len(slice_requests(service)) == asked_service
+    assert slice_requests(*fakes.values())
+    doc = await get_json(bound.health, "/upstreams")
+    assert {u["address"] for u in doc["upstreams"]} == three
+    assert doc["fallback_service"] == str(service_address)
+    assert doc["discovery"]["errors_total"] == 0
+    asks = (
+        "discovery asks the kubernetes Service: the pool has no upstream yet "
+        "(a last resort; it moves to a discovered apiserver once one is usable)"
+    )
+    assert messages(logs, "INFO").count(asks) == 1
+    assert service_address not in app.pool and service.probe_count() == 0
 
 
 @bounded(15)
@@ -454,9 +550,15 @@ async def test_token_mode_follows_a_rotated_token(
         f.require_token = "second-token-longer"
     slice_store.put(kube_slice(free_port, *HOSTS[:3]))
     await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]), timeout=5)
-    assert {r.user for r in slice_requests(*fakes.values())} == {
-        "system:serviceaccount:kube-system:kap"
-    }
+    # A request kap sent just before the switch may reach a fake just after it
+    # (and get a 401); once a list has passed since, every request is accepted.
+    w = watcher(app)
+    lists = w.lists_total
+    await wait_until(lambda: w.lists_total >= lists + 1)
+    since = trio.current_time()
+    await wait_until(lambda: w.lists_total >= lists + 2)
+    later = [r for r in slice_requests(*fakes.values()) if r.at >= since]
+    assert later and {r.user for r in later} == {"system:serviceaccount:kube-system:kap"}
 
 
 @bounded(15)
@@ -482,10 +584,71 @@ async def test_without_credentials_one_error_line_and_the_fallbacks_still_serve(
     config = parse_config(raw, environ={}, readable=lambda p: None if p == raw["ca_file"] else "no")
     app, bound = await start_kap(nursery, config)
     errors = messages(logs, "ERROR")
-    assert len(errors) == 1 and errors[0].startswith("discovery has no credentials")
+    assert len(errors) == 1 and errors[0].startswith("discovery is off: no credentials. Give ")
     assert watcher(app).status()["mode"] == "off"
+    assert watcher(app).status()["last_error"] == "no credentials"
     await wait_until(lambda: len(app.pool.usable()) == 2)
     assert {await who(bound.proxy) for _ in range(4)} <= set(HOSTS[:2])
+
+
+@bounded(15)
+async def test_without_a_verifying_ca_discovery_is_off_and_says_why(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    logs: list[dict[str, Any]],
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:2], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+    raw = {
+        **FAST,
+        "discovery": "true",
+        "discover_period": PERIOD,
+        "token_file": str(pki.token_file),
+        "fallback_upstreams": f"{HOSTS[0]}:{free_port}",
+    }
+    # A token, but no CA: neither given nor a ServiceAccount's on this machine.
+    token = raw["token_file"]
+    config = parse_config(raw, environ={}, readable=lambda p: None if p == token else "no")
+    app, bound = await start_kap(nursery, config)
+    errors = messages(logs, "ERROR")
+    assert len(errors) == 1 and errors[0].startswith(
+        "discovery is off: no CA to verify the apiservers (credentials go only to a verified "
+        "apiserver). Give --ca-file, "
+    )
+    doc = (await get_json(bound.health, "/upstreams"))["discovery"]
+    assert doc["mode"] == "off"
+    assert doc["last_error"] == (
+        "no CA to verify the apiservers (credentials go only to a verified apiserver)"
+    )
+    # Probes still tell it alive (a 401 is alive) and clients go there; discovery never asked.
+    await wait_until(lambda: len(app.pool.usable()) == 1)
+    assert await who(bound.proxy) == HOSTS[0]
+    assert discovered(app) == set() and slice_requests(*fakes.values()) == []
+
+
+@pytest.mark.parametrize("discovery", ["false", "true"])
+@bounded(15)
+async def test_with_no_upstream_source_one_error_line_names_what_to_give_and_kap_keeps_serving(
+    nursery: trio.Nursery, pki: PkiFiles, logs: list[dict[str, Any]], discovery: str
+) -> None:
+    # No starting upstreams, no Service env; discovery off, or on with credentials.
+    config = make_config(pki, discovery=discovery, token_file=str(pki.token_file))
+    app, bound = await start_kap(nursery, config)
+    errors = messages(logs, "ERROR")
+    assert errors[0] == (
+        "kap has no upstream to start from: give --fallback-upstreams host:port,..., "
+        "a --fallback-file with entries, or --kubeconfig, or run in a pod "
+        "(KUBERNETES_SERVICE_HOST/PORT) with discovery; kap keeps running"
+    )
+    assert errors[1:] in ([], ["discovery failed; keeping the current upstreams"])
+    await trio.sleep(0.3)  # a few health intervals and discovery attempts
+    async with httpx2.AsyncClient(trust_env=False) as client:
+        r = await client.get(f"http://{bound.health}/healthz")
+    assert r.status_code == 200 and r.text == "ok\n"
+    assert len(app.pool) == 0
 
 
 def write_kubeconfig(path: Path, pki: PkiFiles, server: str, **extra: Any) -> None:
