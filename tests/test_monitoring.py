@@ -16,7 +16,7 @@
   port and names the job the rules select.
 - The dashboard: every panel filters on the dashboard's variables, every query
   passes promtool's parser, and every metric the rules and the dashboard read is
-  one kap documents (README) or one issue 12 adds (PENDING below).
+  one kap documents (the /metrics table) or one issue 12 adds (PENDING below).
 
 promtool is Debian's, unpacked by hack/install-prometheus.sh (.ci/run runs it;
 so does the fixture here when promtool is missing). The tests that need it
@@ -70,7 +70,7 @@ REQUIRED_ALERTS = {
 
 # Metrics issue 12 adds to kap (section 3) that kap does not export yet; the
 # rules and the dashboard use them by these names. Remove each from here when
-# kap exports it and the README's metrics table lists it.
+# kap exports it and the /metrics table (README.md or docs/) lists it.
 PENDING = {
     "kap_build_info",
     "kap_upstream_probe_results_total",
@@ -468,11 +468,12 @@ def test_query_list_has_every_panel_query() -> None:
 
 
 def documented_metrics() -> set[str]:
-    """The metric names in the README's /metrics table."""
+    """The metric names in the /metrics table (README.md, or the docs/ page it moved to)."""
     names = set()
-    for line in (REPO / "README.md").read_text().splitlines():
-        if line.startswith("| `kap_"):
-            names |= set(re.findall(r"`(kap_[a-z0-9_]+)", line.split("|")[1]))
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for line in page.read_text().splitlines():
+            if line.startswith("| `kap_"):
+                names |= set(re.findall(r"`(kap_[a-z0-9_]+)", line.split("|")[1]))
     return names
 
 
@@ -501,7 +502,7 @@ def known(name: str, exported: set[str]) -> bool:
 
 def test_every_metric_read_is_documented_or_pending() -> None:
     exported = documented_metrics() | PENDING
-    assert "kap_upstream_healthy" in exported, "could not read the README's metrics table"
+    assert "kap_upstream_healthy" in exported, "could not find the /metrics table in the docs"
     unknown = {n: users for n, users in read_by_mixin().items() if not known(n, exported)}
     assert not unknown, f"not exported by kap nor listed in PENDING: {unknown}"
 
