@@ -9,6 +9,8 @@ Release chores: ``nox -s lock`` (regenerate the locks), ``sbom``, ``audit``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint"]
@@ -94,6 +96,7 @@ def lock(session: nox.Session) -> None:
 def sbom(session: nox.Session) -> None:
     """CycloneDX JSON of the runtime lock (what the image installs) into dist/."""
     session.install("-q", CYCLONEDX_BOM)
+    Path(SBOM).parent.mkdir(exist_ok=True)
     session.run(
         "cyclonedx-py",
         "requirements",
@@ -111,6 +114,12 @@ def sbom(session: nox.Session) -> None:
 
 @nox.session
 def audit(session: nox.Session) -> None:
-    """Known vulnerabilities in the runtime lock (pip-audit; asks the network, not in tests)."""
+    """Known vulnerabilities in the runtime lock (pip-audit; asks the network, not in tests).
+
+    ``--strict``: a package the vulnerability service could not answer for
+    fails the session instead of passing unaudited. Extra arguments go to
+    pip-audit (``-- -s osv`` asks OSV instead of PyPI).
+    """
     session.install("-q", PIP_AUDIT)
-    session.run("pip-audit", "--require-hashes", "--disable-pip", "-r", RUNTIME_LOCK)
+    argv = ["--strict", "--require-hashes", "--disable-pip", "-r", RUNTIME_LOCK]
+    session.run("pip-audit", *argv, *session.posargs)
