@@ -395,7 +395,8 @@ def test_build_context_holds_what_copy_needs_and_nothing_else(dockerfile: Docker
         for f in files:
             rel = f.relative_to(REPO).as_posix()
             assert in_context(rel, rules), f"COPY {source} needs {rel}; .dockerignore drops it"
-    for outside in (".git/HEAD", "tests/test_image.py", ".venv/bin/python", "dist/x.whl"):
+    outside_paths = (".git/HEAD", "tests/test_image.py", ".venv/bin/python", "dist/x.whl")
+    for outside in (*outside_paths, "requirements/dev.txt", "build/lib/kap/_revision.txt"):
         assert not in_context(outside, rules), f"{outside} would be sent to the builder"
     assert not in_context("kap/__pycache__/x.cpython-311.pyc", rules)
 
