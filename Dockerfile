@@ -2,15 +2,20 @@
 #
 # kap container image.
 #
-#   docker build -t ghcr.io/kap-project/kap:0.1.0 .
+#   docker build -t ghcr.io/kap-project/kap:0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
 #
-# Two stages on the same pinned Python base: "build" makes kap's wheel and
-# installs it with its dependencies into the virtual environment /opt/kap;
-# the runtime stage copies only that environment. No compiler is installed in
-# either stage (every dependency ships as a wheel or is pure Python), no pip
-# cache is kept, and the bytecode is compiled at build time so the image runs
-# with a read-only root filesystem. tests/test_image.py runs the same wheel
-# and install commands outside Docker; keep the two in step.
+# Two stages on the same pinned Python base: "build" installs kap's locked
+# dependencies into the virtual environment /opt/kap, then kap's own wheel;
+# the runtime stage copies only that environment. The dependencies come from
+# requirements/runtime.txt (nox -s lock), hash-checked, wheels only and without
+# resolution, so the image holds exactly the versions the tests ran; kap's
+# wheel goes in with --no-deps and `pip check` proves the lock complete. No
+# compiler is installed in either stage, no pip cache is kept, and the bytecode
+# is compiled at build time so the image runs with a read-only root filesystem.
+# REVISION (the git commit; the build context has no .git) is written into the
+# wheel, so `kap --version` and the start-up log name it.
+# tests/test_image.py runs the same wheel and install commands outside Docker;
+# keep the two in step.
 
 # python:3.11.14-slim-bookworm, pinned by tag and by the digest of its
 # multi-architecture index. Update both together:
@@ -22,11 +27,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY kap/ kap/
-RUN pip wheel --no-deps --wheel-dir /dist .
+COPY requirements/runtime.txt requirements/runtime.txt
 RUN python -m venv --without-pip /opt/kap \
- && pip --python /opt/kap/bin/python install --no-compile /dist/kap-*.whl \
+ && pip --python /opt/kap/bin/python install --no-compile \
+        --require-hashes --no-deps --only-binary=:all: -r requirements/runtime.txt
+COPY pyproject.toml setup.py README.md ./
+COPY kap/ kap/
+# After the dependencies, so a new commit reuses their layer.
+ARG REVISION=unknown
+ENV KAP_REVISION=${REVISION}
+RUN pip wheel --no-deps --wheel-dir /dist .
+RUN pip --python /opt/kap/bin/python install --no-compile --no-deps /dist/kap-*.whl \
+ && pip --python /opt/kap/bin/python check \
  && python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/kap/lib
 
 FROM ${PYTHON_IMAGE}

@@ -30,8 +30,9 @@ import attrs
 import trio
 from loguru import logger
 
-from kap import __version__, fallback
+from kap import fallback
 from kap.address import Address
+from kap.build import build_info
 from kap.config import Config
 from kap.credentials import CredentialFiles
 from kap.discovery import EndpointSliceWatcher
@@ -239,8 +240,10 @@ class App:
             # out of the cyclic collector's reach, so a full collection triggered
             # by connection churn scans only what connections allocate.
             gc.freeze()
+            build = build_info()
             logger.bind(
-                version=__version__,
+                version=build.version,
+                revision=build.revision,
                 listen=str(proxy),
                 health=str(health),
                 upstreams=[str(a) for a in self.pool.addresses()],

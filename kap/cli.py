@@ -14,7 +14,8 @@ from typing import Any
 import click
 import trio
 
-from kap import __version__, logs
+from kap import logs
+from kap.build import build_info
 from kap.config import OPTIONS, ConfigError, Option, parse_config
 
 
@@ -60,6 +61,7 @@ def run(no_discovery: bool, **values: str | None) -> None:
             click.echo(f"kap: {line}", err=True)
         sys.exit(2)
     logs.setup(config.log_level)
+    build_info()  # may ask git (in a checkout): here, not on the event loop; cached
     from kap.app import App  # after the flags: a bad flag exits before the heavy imports
 
     failed: list[OSError] = []
@@ -75,6 +77,14 @@ def run(no_discovery: bool, **values: str | None) -> None:
         sys.exit(1)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``: the version and the git revision (asked only when the flag is given)."""
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(str(build_info()))
+    ctx.exit()
+
+
 def _command() -> click.Command:
     func: Any = run
     for opt in reversed(OPTIONS):
@@ -86,7 +96,14 @@ def _command() -> click.Command:
         default=False,
         help="Same as --discovery=false.",
     )(func)
-    func = click.version_option(__version__, prog_name="kap")(func)
+    func = click.option(
+        "--version",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_print_version,
+        help="Show the version and the git revision kap was built from, then exit.",
+    )(func)
     return click.command(
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
         help="Node-local TCP load balancer for Kubernetes API servers.",

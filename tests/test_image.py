@@ -7,14 +7,17 @@ without one:
   runtime stage runs as a non-root user with ``ENTRYPOINT ["kap"]``, carries
   the OCI labels, keeps no pip cache and installs no compiler, and turns off
   bytecode writes;
+- the dependencies: installed from the hashed lock ``requirements/runtime.txt``,
+  wheels only, without resolution; kap's wheel without dependencies;
 - the build context: ``.dockerignore`` lets through what the ``COPY`` lines
   need and keeps the rest out;
 - the build itself (``slow``): the Dockerfile's own ``RUN`` commands of the
   build stage are replayed outside Docker (the container paths mapped into a
-  temporary directory), and the resulting environment runs ``kap --help`` and
-  a short real ``kap`` on a read-only root filesystem (a private mount
-  namespace with ``/`` remounted read-only and no capabilities, when this
-  machine allows it) and writes no file.
+  temporary directory, ``--build-arg REVISION`` given), and the resulting
+  environment holds exactly the locked versions, names the revision in
+  ``kap --version``, runs ``kap --help`` and a short real ``kap`` on a read-only
+  root filesystem (a private mount namespace with ``/`` remounted read-only and
+  no capabilities, when this machine allows it) and writes no file.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -42,6 +46,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
+RUNTIME_LOCK = "requirements/runtime.txt"
+# What `docker build --build-arg REVISION="$(git rev-parse HEAD)"` would pass.
+IMAGE_REVISION = "feedc0de" * 5
 
 # Images with a compiler or a package manager step that would bring one in.
 COMPILER_WORDS = ("gcc", "g++", "clang", "build-essential", "make", "cc")
@@ -142,11 +149,21 @@ class Dockerfile:
                 stage_names.add(words[2])
         return images
 
-    def env(self, stage: int) -> dict[str, str]:
+    def args(self, stage: int, build_args: dict[str, str] | None = None) -> dict[str, str]:
+        """A stage's ARGs: their defaults, overridden by ``--build-arg`` values."""
+        args: dict[str, str] = {}
+        for ins in self.stage(stage):
+            if ins.keyword == "ARG":
+                args.update(parse_assignments(ins.args))
+        return {k: (build_args or {}).get(k, v) for k, v in args.items()}
+
+    def env(self, stage: int, build_args: dict[str, str] | None = None) -> dict[str, str]:
+        """A stage's ENV, with ``${ARG}`` references expanded."""
+        args = self.args(stage, build_args)
         env: dict[str, str] = {}
         for ins in self.stage(stage):
             if ins.keyword == "ENV":
-                env.update(parse_assignments(ins.args))
+                env.update({k: expand(v, args) for k, v in parse_assignments(ins.args).items()})
         return env
 
     def last(self, keyword: str, stage: int) -> Instruction | None:
@@ -254,6 +271,51 @@ def test_runtime_needs_no_writable_root_filesystem(dockerfile: Dockerfile) -> No
     )
 
 
+# --- the dependencies ---------------------------------------------------------
+
+
+def build_commands(dockerfile: Dockerfile) -> list[list[str]]:
+    """The words of every command the build stage RUNs (``&&`` splits commands)."""
+    build = dockerfile.stage(dockerfile.stage_named("build"))
+    runs = [ins.args for ins in build if ins.keyword == "RUN"]
+    return [shlex.split(command) for run in runs for command in run.split("&&")]
+
+
+def pip_installs(dockerfile: Dockerfile) -> list[list[str]]:
+    """The words of every ``pip ... install`` command in the build stage."""
+    commands = build_commands(dockerfile)
+    return [words for words in commands if words[0] == "pip" and "install" in words]
+
+
+def test_dependencies_come_only_from_the_hashed_lock(dockerfile: Dockerfile) -> None:
+    installs = pip_installs(dockerfile)
+    assert installs, "no pip install in the build stage"
+    for words in installs:
+        assert "--no-deps" in words, f"{shlex.join(words)}: pip would resolve dependencies"
+    from_lock = [w for w in installs if "-r" in w]
+    assert len(from_lock) == 1, "the dependencies should come from one lock"
+    words = from_lock[0]
+    assert words[words.index("-r") + 1] == RUNTIME_LOCK
+    assert "--require-hashes" in words
+    assert "--only-binary=:all:" in words, "an sdist would need a compiler"
+    # Every other install is kap's own wheel.
+    for words in installs:
+        if words is not from_lock[0]:
+            assert words[-1].startswith("/dist/kap-") and words[-1].endswith(".whl"), words
+
+
+def test_build_stage_checks_the_installed_set_is_complete(dockerfile: Dockerfile) -> None:
+    # --no-deps trusts the lock to hold every dependency; pip check proves it.
+    assert ["pip", "--python", "/opt/kap/bin/python", "check"] in build_commands(dockerfile)
+
+
+def test_revision_build_arg_reaches_the_wheel_build(dockerfile: Dockerfile) -> None:
+    build = dockerfile.stage_named("build")
+    env = dockerfile.env(build, {"REVISION": IMAGE_REVISION})
+    assert env.get("KAP_REVISION") == IMAGE_REVISION  # setup.py writes it into the wheel
+    assert "REVISION" in dockerfile.args(dockerfile.last_stage)  # and the OCI label
+
+
 # --- the build context ------------------------------------------------------
 
 
@@ -333,7 +395,8 @@ def test_build_context_holds_what_copy_needs_and_nothing_else(dockerfile: Docker
         for f in files:
             rel = f.relative_to(REPO).as_posix()
             assert in_context(rel, rules), f"COPY {source} needs {rel}; .dockerignore drops it"
-    for outside in (".git/HEAD", "tests/test_image.py", ".venv/bin/python", "dist/x.whl"):
+    outside_paths = (".git/HEAD", "tests/test_image.py", ".venv/bin/python", "dist/x.whl")
+    for outside in (*outside_paths, "requirements/dev.txt", "build/lib/kap/_revision.txt"):
         assert not in_context(outside, rules), f"{outside} would be sent to the builder"
     assert not in_context("kap/__pycache__/x.cpython-311.pyc", rules)
 
@@ -361,17 +424,25 @@ NETWORK_TROUBLE = re.compile(
 )
 
 
-def replay_build_stage(dockerfile: Dockerfile, root: Path) -> Path:
+def replay_build_stage(
+    dockerfile: Dockerfile, root: Path, build_args: dict[str, str] | None = None
+) -> Path:
     """Run the build stage's RUN commands with container paths mapped under ``root``.
 
     ``/src`` is the build context (WORKDIR), ``/dist`` the wheel directory and
     ``/opt/kap`` the environment the runtime stage copies. ``pip`` and ``python``
-    are this interpreter. Returns the environment's directory.
+    are this interpreter. ``build_args`` are ``docker build --build-arg``s: as
+    in Docker, the stage's ARGs are in the environment of its RUN commands.
+    Returns the environment's directory.
     """
     build = dockerfile.stage_named("build")
     mapping = {"/src": root / "src", "/dist": root / "dist", "/opt/kap": root / "opt" / "kap"}
     stage_context(dockerfile, mapping["/src"])
-    env = {**os.environ, **dockerfile.env(build)}
+    env = {
+        **os.environ,
+        **dockerfile.args(build, build_args),
+        **dockerfile.env(build, build_args),
+    }
 
     def map_word(word: str) -> list[str]:
         for container, host in mapping.items():
@@ -469,7 +540,7 @@ class Image:
 @pytest.fixture(scope="module")
 def image(dockerfile: Dockerfile, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     root = tmp_path_factory.mktemp("image")
-    prefix = replay_build_stage(dockerfile, root)
+    prefix = replay_build_stage(dockerfile, root, {"REVISION": IMAGE_REVISION})
     runtime_env = {
         k: expand(v, {"PATH": "/usr/bin:/bin"}).replace("/opt/kap", str(prefix))
         for k, v in dockerfile.env(dockerfile.last_stage).items()
@@ -548,3 +619,51 @@ def test_image_runs_on_a_read_only_root_and_stops_cleanly_on_sigterm(image: Imag
     assert proc.returncode == 0, stderr
     assert "Read-only file system" not in stderr
     assert snapshot(image.prefix, image.workdir) == before, "kap wrote files"
+
+
+def locked_pins() -> dict[str, str]:
+    """``{normalised name: version}`` of the runtime lock (hack/lock.py reads it)."""
+    spec = importlib.util.spec_from_file_location("kap_hack_lock", REPO / "hack" / "lock.py")
+    assert spec is not None and spec.loader is not None
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    pins: dict[str, str] = lock.pins((REPO / RUNTIME_LOCK).read_text())
+    return pins
+
+
+INSTALLED = (
+    "import importlib.metadata as m, json, re; print(json.dumps("
+    "{re.sub(r'[-_.]+', '-', d.metadata['Name']).lower(): d.version for d in m.distributions()}))"
+)
+
+
+@pytest.mark.slow
+def test_image_holds_exactly_the_locked_versions_and_kap(
+    image: Image, project: dict[str, object]
+) -> None:
+    done = subprocess.run(
+        [str(image.prefix / "bin" / "python"), "-c", INSTALLED],
+        cwd=image.workdir,
+        env=image.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(done.stdout) == {**locked_pins(), "kap": project["version"]}
+
+
+@pytest.mark.slow
+def test_image_kap_version_names_the_revision_it_was_built_from(
+    image: Image, project: dict[str, object]
+) -> None:
+    done = subprocess.run(
+        image.argv("--version"),
+        cwd=image.workdir,
+        env=image.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"kap {project['version']} (revision {IMAGE_REVISION})"
