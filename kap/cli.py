@@ -14,7 +14,7 @@ from typing import Any
 import click
 import trio
 
-from kap import __version__, logs
+from kap import __version__, logs, status
 from kap.config import OPTIONS, ConfigError, Option, parse_config
 
 
@@ -93,4 +93,27 @@ def _command() -> click.Command:
     )(func)
 
 
-main = _command()
+def _with_subcommands(balancer: click.Command) -> click.Group:
+    """``kap FLAGS`` runs the balancer as ever; ``kap status ...`` and later commands are
+    subcommands. The group takes the balancer's flags, help and callback unchanged, so
+    ``kap --help`` still lists every flag, with its environment variable.
+    """
+    run_balancer = balancer.callback
+    assert run_balancer is not None
+
+    def callback(**values: Any) -> None:
+        if click.get_current_context().invoked_subcommand is None:
+            run_balancer(**values)
+
+    return click.Group(
+        name=balancer.name,
+        commands=[status.command],
+        invoke_without_command=True,
+        params=balancer.params,
+        callback=callback,
+        help=balancer.help,
+        context_settings=balancer.context_settings,
+    )
+
+
+main = _with_subcommands(_command())
