@@ -14,8 +14,9 @@ from typing import Any
 import click
 import trio
 
-from kap import __version__, logs, status
+from kap import __version__, logs
 from kap.config import OPTIONS, ConfigError, Option, parse_config
+from kap.status import command as status_command
 
 
 def readable(path: str) -> str | None:
@@ -107,7 +108,7 @@ def _with_subcommands(balancer: click.Command) -> click.Group:
 
     return click.Group(
         name=balancer.name,
-        commands=[status.command],
+        commands=[status_command],
         invoke_without_command=True,
         params=balancer.params,
         callback=callback,
