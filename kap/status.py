@@ -316,7 +316,12 @@ def status(
     except Unanswered as e:
         click.echo(f"kap status: {e} (address from {where.origin})", err=True)
         return 2
-    click.echo(render(doc, output, now()), nl=False)
+    try:
+        text = render(doc, output, now())
+    except (KeyError, TypeError, AttributeError) as e:
+        click.echo(f"kap status: {where} answered /upstreams without {e} (not kap?)", err=True)
+        return 2
+    click.echo(text, nl=False)
     return 1 if doc.get("problems") else 0
 
 

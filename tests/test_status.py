@@ -439,6 +439,20 @@ async def test_something_else_on_the_port_exits_2(start_fake: StartFake) -> None
         assert out.returncode == 2 and out.stderr.startswith("kap status: '1x'"), out
 
 
+async def test_json_that_is_not_kaps_exits_2(nursery: trio.Nursery) -> None:
+    """Another server's JSON with an ``upstreams`` list: one line, no traceback."""
+    from kap.health import HealthServer
+
+    server = HealthServer(
+        "127.0.0.1", 0, {"/upstreams": lambda: ("application/json", b'{"upstreams": [{}]}')}
+    )
+    bound = await nursery.start(server.run)
+    out = await kap_status("status", "--address", str(bound))
+    assert (out.returncode, out.stdout) == (2, ""), out
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"kap status: {bound} answered /upstreams without 'address'")
+
+
 @pytest.mark.parametrize("args", [["-o", "yaml"], ["--address", "nope"], ["--frobnicate"]])
 async def test_bad_flags_exit_2(args: list[str]) -> None:
     out = await kap_status("status", *args)
