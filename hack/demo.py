@@ -10,7 +10,7 @@ extras are installed). It stops by itself in well under a minute:
    apiservers share etcd),
 3. starts kap (``python -m kap``) in front of them knowing ONE seed address;
    discovery finds the other two, real probes check them,
-4. shows /upstreams and how new connections spread,
+4. shows ``kap status`` and how new connections spread,
 5. adds a fourth apiserver (127.0.0.5) to the slice, then removes it again:
    kap follows, and removes it after ``--removal-grace``,
 6. kills one apiserver (SIGKILL) while a client keeps connecting, and shows
@@ -82,18 +82,16 @@ async def upstreams(health_port: int) -> dict[str, Any]:
         return r.json()  # type: ignore[no-any-return]
 
 
-def table(doc: dict[str, Any]) -> None:
-    say(
-        f"  {'upstream':<18} {'healthy':<8} {'score':>5} {'tier':>4} {'latency':>9} "
-        f"{'conns':>5}  last error"
+async def status(health_port: int) -> None:
+    """What an operator on the node would run: ``kap status --address ...``."""
+    command = ["kap", "status", "--address", f"127.0.0.1:{health_port}"]
+    say(f"   $ {' '.join(command)}")
+    done = await trio.run_process(
+        [sys.executable, "-m", *command], capture_stdout=True, stderr=subprocess.STDOUT, check=False
     )
-    for u in doc["upstreams"]:
-        lat = "-" if u["latency_ms"] is None else f"{u['latency_ms']:.2f}ms"
-        tier = "-" if u["tier"] is None else u["tier"]
-        say(
-            f"  {u['address']:<18} {u['healthy']!s:<8} {u['score']:>5} {tier:>4} {lat:>9} "
-            f"{u['connections_total']:>5}  {u['last_error'] or ''}"
-        )
+    for line in done.stdout.decode().splitlines():
+        say(f"   {line}")
+    say(f"   (exit status {done.returncode})")
 
 
 def publish(path: Path, port: int, hosts: Iterable[str]) -> None:
@@ -225,7 +223,7 @@ async def scenario(
         f"{found['source_upstream']} (slices: {found['slices']});"
         " each passed its /readyz probe:"
     )
-    table(doc)
+    await status(health)
 
     seen = Counter([await who(listen) for _ in range(30)])
     say(f"== 30 connections through 127.0.0.1:{listen} went to: {dict(sorted(seen.items()))}")
@@ -235,8 +233,8 @@ async def scenario(
     say(f"== adding apiserver-d ({extra}) to the EndpointSlice")
     await plane.add(EXTRA)
     doc = await wait_for(health, lambda d: extra in healthy(d))
-    say("   kap followed; /upstreams now:")
-    table(doc)
+    say("   kap followed:")
+    await status(health)
     say(f"== removing apiserver-d from the EndpointSlice (--removal-grace {REMOVAL_GRACE:g}s)")
     plane.remove(EXTRA)
     doc = await wait_for(
@@ -246,7 +244,7 @@ async def scenario(
         ),
     )
     say("   kap keeps it for the grace period (its open connections too):")
-    table(doc)
+    await status(health)
     doc = await wait_for(health, lambda d: extra not in {u["address"] for u in d["upstreams"]})
     say(f"   ...and then removes it: {sorted(u['address'] for u in doc['upstreams'])}")
 
@@ -272,13 +270,13 @@ async def scenario(
         f"{dict(sorted(served.items()))}"
     )
     doc = await upstreams(health)
-    say("== /upstreams now:")
-    table(doc)
+    say("== kap status now:")
+    await status(health)
 
     say("== what kap logged about discovery and upstream state (JSON lines, abridged):")
     for line in log_path.read_text().splitlines():
         rec = json.loads(line)
-        if rec["msg"].startswith(("upstream", "discover", "fallback file")):
+        if rec["msg"].startswith(("upstream", "discover", "fallback file", "problems")):
             if rec["msg"] in ("upstream tier changed",):
                 continue
             fields = {k: rec[k] for k in ("upstream", "reason", "addresses", "error") if k in rec}

@@ -25,6 +25,7 @@ import gc
 import os
 import random
 import signal
+import time
 
 import attrs
 import trio
@@ -42,7 +43,7 @@ from kap.pool import SOURCE_DISCOVERY, SOURCE_FILE, SOURCE_FLAG, SOURCE_KUBECONF
 from kap.probe import Prober, ProbeScheduler
 from kap.proxy import Proxy
 from kap.relay import Relay
-from kap.report import Counters, metrics_registry, metrics_text, upstreams_json
+from kap.report import Counters, current_problems, metrics_registry, metrics_text, upstreams_json
 from kap.sockets import TcpOptions
 
 # How often housekeeping looks for expired removals and dead upstreams to drain.
@@ -72,6 +73,8 @@ class App:
     health: HealthServer = attrs.field(init=False)
     credentials: CredentialFiles = attrs.field(init=False)
     discovery: EndpointSliceWatcher | None = attrs.field(default=None, init=False)
+    counters: Counters = attrs.field(init=False)
+    problems: list[str] = attrs.field(factory=list, init=False)  # as last logged
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -105,7 +108,7 @@ class App:
                 on_update=self.on_discovered,
                 rng=self.rng,
             )
-        counters = Counters(
+        self.counters = counters = Counters(
             accepted_total=lambda: self.proxy.stats.accepted_total,
             no_upstream_total=lambda: self.proxy.stats.no_upstream_total,
             failovers_total=lambda: self.proxy.stats.failovers_total,
@@ -299,6 +302,7 @@ class App:
                     nursery.start_soon(self._drain, up.address, DRAIN_SPREAD, draining)
                 if gone:
                     self.probes.sync()
+                self._log_problems(current_problems(self.pool, self.counters, now, time.time()))
                 # Drain only when there is somewhere better to go: with every
                 # upstream down, the connections kap holds are the best it has.
                 if self.config.drain_after > 0 and self.pool.usable():
@@ -309,6 +313,16 @@ class App:
                                 connections=up.active_connections,
                             )
                             nursery.start_soon(self._drain, up.address, DRAIN_SPREAD, draining)
+
+    def _log_problems(self, problems: list[str]) -> None:
+        """One warn line per change of ``/upstreams``' problems (none is a change too)."""
+        if problems != self.problems:
+            logger.bind(
+                problems=problems,
+                new=[p for p in problems if p not in self.problems],
+                resolved=[p for p in self.problems if p not in problems],
+            ).warning("problems changed")
+            self.problems = problems
 
     async def _drain(self, address: Address, spread: float, draining: set[Address]) -> None:
         draining.add(address)

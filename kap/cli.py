@@ -17,6 +17,7 @@ import trio
 from kap import logs
 from kap.build import build_info
 from kap.config import OPTIONS, ConfigError, Option, parse_config
+from kap.status import command as status_command
 
 
 def readable(path: str) -> str | None:
@@ -110,4 +111,27 @@ def _command() -> click.Command:
     )(func)
 
 
-main = _command()
+def _with_subcommands(balancer: click.Command) -> click.Group:
+    """``kap FLAGS`` runs the balancer as ever; ``kap status ...`` and later commands are
+    subcommands. The group takes the balancer's flags, help and callback unchanged, so
+    ``kap --help`` still lists every flag, with its environment variable.
+    """
+    run_balancer = balancer.callback
+    assert run_balancer is not None
+
+    def callback(**values: Any) -> None:
+        if click.get_current_context().invoked_subcommand is None:
+            run_balancer(**values)
+
+    return click.Group(
+        name=balancer.name,
+        commands=[status_command],
+        invoke_without_command=True,
+        params=balancer.params,
+        callback=callback,
+        help=balancer.help,
+        context_settings=balancer.context_settings,
+    )
+
+
+main = _with_subcommands(_command())

@@ -218,6 +218,8 @@ class EndpointSliceWatcher:
     mode: str = "starting"
     last_success_unix: float | None = None
     last_error: str | None = None
+    # Wall time of the first failure since the last success; None while it works.
+    failing_since_unix: float | None = None
     errors_total: int = 0
     source_upstream: Address | None = None
     resource_version: str | None = None
@@ -288,6 +290,7 @@ class EndpointSliceWatcher:
             "credentials": self.credentials.files.origin,
             "last_success_unix": self.last_success_unix,
             "last_error": self.last_error,
+            "failing_since_unix": self.failing_since_unix,
             "errors_total": self.errors_total,
             "lists_total": self.lists_total,
             "slices": len(self._slices),
@@ -635,11 +638,14 @@ class EndpointSliceWatcher:
         self._error_logged_at = None
         self.source_upstream = target
         self.last_success_unix = time.time()
+        self.failing_since_unix = None
 
     def _failed(self, target: Address | None, error: str) -> None:
         self._failures += 1
         self.errors_total += 1
         self.last_error = error
+        if self.failing_since_unix is None:
+            self.failing_since_unix = time.time()
         now = trio.current_time()
         if self._error_logged_at is None or now - self._error_logged_at >= ERROR_LOG_INTERVAL:
             logger.bind(

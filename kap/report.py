@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from prometheus_client.core import (
 )
 
 from kap.pool import PROBE_BUCKETS, Pool, Upstream
+from kap.problems import find_problems
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -39,6 +41,8 @@ class Counters:
     bytes_up: Callable[[], int] = lambda: 0
     bytes_down: Callable[[], int] = lambda: 0
     discovery: Callable[[], dict[str, Any] | None] = lambda: None
+    # Unix time the client certificate kap presents expires (None: none or unknown).
+    client_cert_expiry_unix: Callable[[], float | None] = lambda: None
 
 
 @attrs.frozen
@@ -109,9 +113,35 @@ def upstream_view(u: Upstream, now: float) -> dict[str, Any]:
     return view
 
 
-def upstreams_document(pool: Pool, counters: Counters, now: float) -> dict[str, Any]:
+def _problems(
+    reports: list[UpstreamReport],
+    discovery: dict[str, Any] | None,
+    counters: Counters,
+    wall: float,
+) -> list[str]:
+    return find_problems(
+        reports,
+        discovery,
+        now_unix=wall,
+        client_cert_expiry_unix=counters.client_cert_expiry_unix(),
+    )
+
+
+def current_problems(pool: Pool, counters: Counters, now: float, wall: float) -> list[str]:
+    """The ``problems`` list of ``/upstreams`` (see ``kap.problems``), without the rest."""
+    reports = [UpstreamReport.of(u, now) for u in pool.upstreams]
+    return _problems(reports, counters.discovery(), counters, wall)
+
+
+def upstreams_document(
+    pool: Pool, counters: Counters, now: float, wall: float | None = None
+) -> dict[str, Any]:
+    """``/upstreams``; ``now`` is trio's clock, ``wall`` the Unix time (default: now)."""
+    reports = [UpstreamReport.of(u, now) for u in pool.upstreams]
+    discovery = counters.discovery()
     doc: dict[str, Any] = {
-        "upstreams": [upstream_view(u, now) for u in pool.upstreams],
+        "problems": _problems(reports, discovery, counters, time.time() if wall is None else wall),
+        "upstreams": [_converter().unstructure(r) for r in reports],
         "fallback_service": None if pool.default_service is None else str(pool.default_service),
         "best_tier": pool.best_tier(),
         "connections": {
@@ -123,7 +153,6 @@ def upstreams_document(pool: Pool, counters: Counters, now: float) -> dict[str, 
         },
         "bytes": {"up": counters.bytes_up(), "down": counters.bytes_down()},
     }
-    discovery = counters.discovery()
     if discovery is not None:
         doc["discovery"] = discovery
     return doc

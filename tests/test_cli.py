@@ -144,3 +144,14 @@ async def test_sigterm_cuts_connections_after_the_grace(start_fake: StartFake) -
             assert await stream.receive_some(10) == b""  # closed by kap at the deadline
             assert trio.current_time() - t0 >= 0.4
             assert await kap.process.wait() == 0
+
+
+def test_subcommands_are_listed_and_bare_flags_still_run_the_balancer() -> None:
+    out = run_kap("--help")
+    assert "Commands:" in out.stdout and "status" in out.stdout.split("Commands:", 1)[1]
+    out = run_kap("status", "--help")
+    assert out.returncode == 0 and "--output" in out.stdout
+    # Flags before a subcommand are still the balancer's, checked only when it runs.
+    out = run_kap("--listen-port", "99999", "status", "--address", "127.0.0.1:1")
+    assert out.returncode == 2 and "LISTEN_PORT" not in out.stderr
+    assert out.stderr.startswith("kap status: nothing answers at 127.0.0.1:1")
