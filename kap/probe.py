@@ -8,7 +8,7 @@ means a black-holed upstream costs its own timeout and delays nobody else.
 A probe has two deadlines, each bounding what it measures:
 
 * Opening the connection (TCP connect and TLS handshake) has the *open
-  budget* (``open_budget``: a quarter interval, or two timeouts when that is
+  budget* (``open_budget``: a fifth of the interval, or two timeouts when that is
   longer, never more than one interval). It is needed only when there is no
   kept-alive connection (the first probe, after a failure, after the
   credentials change); a connection not open within it is a failed probe, so
@@ -55,11 +55,12 @@ LOOP_LAG_TOLERANCE = 0.02
 # Closing a kept-alive probe connection is a TLS close_notify at most: 100 ms
 # is plenty on loopback and bounds it when the peer is hung.
 CLOSE_DEADLINE = 0.1
-# The open budget is at least this share of the interval: with the defaults
-# (1 s, 100 ms) a hung apiserver's three fast confirmations, each a connection
-# that never opens, then take 3 x 250 ms, which keeps it out of rotation within
-# interval + 3 x timeout + interval.
-OPEN_BUDGET_SHARE = 0.25
+# The open budget is at least this share of the interval. A hung apiserver's
+# three fast confirmations are each a connection that never opens: after the
+# first timed-out request they take 3 x interval/5 (3 x 200 ms with the
+# defaults), which keeps it out of rotation within interval + 3 x timeout +
+# interval whenever the timeout is at most a fifth of the interval.
+OPEN_BUDGET_SHARE = 0.2
 # ... and at least this many timeouts: an apiserver near enough to answer a
 # request within the timeout is one round trip away at most, and TCP plus a
 # TLS 1.3 handshake (what kube-apiserver speaks) take two.

@@ -205,9 +205,10 @@ async def test_a_timeout_noticed_late_because_kap_was_busy_is_not_counted() -> N
 @pytest.mark.parametrize(
     ("interval", "timeout", "budget"),
     [
-        (1.0, 0.1, 0.25),  # the defaults: a quarter interval
+        (1.0, 0.1, 0.2),  # the defaults: a fifth of the interval, two timeouts
+        (1.0, 0.05, 0.2),  # a fifth of the interval
         (1.0, 0.2, 0.4),  # two timeouts when that is longer
-        (10.0, 0.1, 2.5),
+        (10.0, 0.1, 2.0),
         (1.0, 0.9, 1.0),  # never more than one interval
     ],
 )
@@ -259,8 +260,8 @@ async def test_a_connection_that_never_opens_fails_within_the_open_budget(
     prober = ScriptedProber({A: "hang-open"})
     sched = scheduler(pool, prober, interval=1.0, timeout=0.1)
     result = await sched.probe_once(A)
-    assert result.open_timed_out and result.error == "connection not open within 250ms"
-    assert trio.current_time() == pytest.approx(0.25)
+    assert result.open_timed_out and result.error == "connection not open within 200ms"
+    assert trio.current_time() == pytest.approx(0.2)
     assert A in prober.forgotten
 
 
@@ -284,8 +285,8 @@ async def test_a_hung_upstream_leaves_rotation_on_time_though_it_needs_new_conne
         fall_time = trio.current_time() - t0
         nursery.cancel_scope.cancel()
     # Next probe at 4.0 times out at 4.1; after the fast delay three opens
-    # of 250 ms each, back to back: out at 4.95.
-    assert fall_time == pytest.approx(0.5 + 0.1 + 0.1 + 3 * 0.25, abs=0.02)
+    # of 200 ms each, back to back: out at 4.8.
+    assert fall_time == pytest.approx(0.5 + 0.1 + 0.1 + 3 * 0.2, abs=0.02)
     assert fall_time <= 1.0 + 3 * 0.1 + 1.0  # interval + 3 x timeout + interval
 
 
@@ -317,7 +318,7 @@ async def test_an_open_noticed_late_because_kap_was_busy_is_not_counted() -> Non
     pool = Pool()
     pool.set_source(SOURCE_FLAG, [A], now=0)
     prober = ScriptedProber({A: "hang-open"})
-    sched = scheduler(pool, prober, interval=0.2, timeout=0.02)  # open budget 50 ms
+    sched = scheduler(pool, prober, interval=0.2, timeout=0.02)  # open budget 40 ms
 
     async def hog() -> None:
         await trio.sleep(0.01)
