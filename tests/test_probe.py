@@ -8,6 +8,7 @@ import trio
 from delayproxy import DelayProxy
 from fakeapi import FakeApiServer, PkiFiles, create_pki
 from kaptest import StartFake, make_config, start_kap, upstream, wait_until, who
+from loguru import logger
 
 from kap.address import Address
 from kap.config import Credentials
@@ -148,3 +149,23 @@ async def test_a_timed_out_request_does_not_doom_the_next_probe(
     result = await sched.probe_once(address)
     assert result.ok and proxy.connections_total == 2
     await sched.prober.aclose()
+
+
+async def test_an_upstream_that_never_answers_is_warned_about_once_not_as_a_transition(
+    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, free_port: int
+) -> None:
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="INFO")
+    try:
+        a = await start_fake("a")
+        dead = Address("127.0.0.1", free_port)  # nothing listens there
+        cfg = make_config(pki, fallback_upstreams=f"{dead},127.0.0.1:{a.address[1]}")
+        app, _ = await start_kap(nursery, cfg)  # probes every 100 ms
+        never = "upstream not healthy since it was added"
+        await wait_until(lambda: never in messages)
+        await wait_until(lambda: app.pool.get(dead).probes_total >= 10)  # type: ignore[union-attr]
+    finally:
+        logger.remove(sink)
+    assert messages.count(never) == 1
+    assert "upstream unhealthy" not in messages
+    assert messages.count("upstream healthy") == 1  # a's
