@@ -60,6 +60,21 @@ async def test_a_connection_the_apiserver_closed_is_reopened_without_a_failure(
     await p.aclose()
 
 
+async def test_rotated_credentials_reopen_the_connection(
+    start_fake: StartFake, pki: PkiFiles, tmp_path: Path
+) -> None:
+    a = await start_fake("a")
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(pki.ca_file.read_bytes())
+    p = Prober(CredentialFiles(Credentials(ca_file=str(ca))), "")
+    address = fake_address(a)
+    assert await p.open(address) is None and (await p.request(address)).ok
+    ca.write_bytes(pki.ca_file.read_bytes() + b"\n")  # a rotation: a new file
+    assert await p.open(address) is None and (await p.request(address)).ok
+    assert a.connections_total == 2 and a.probe_count() == 2
+    await p.aclose()
+
+
 async def test_an_http_error_keeps_its_status_and_body(
     start_fake: StartFake, pki: PkiFiles
 ) -> None:
