@@ -150,6 +150,8 @@ class App:
                 log.info("upstream healthy")
             elif ch.kind == "unhealthy":
                 log.warning("upstream unhealthy")
+            elif ch.kind == "never-healthy":
+                log.warning("upstream not healthy since it was added")
             elif ch.kind == "tier":
                 log.info("upstream tier changed")
             elif ch.kind == "auth":

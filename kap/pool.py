@@ -355,9 +355,10 @@ class Pool:
                 why = f"{why}; fall {len(up.falls)} in {FLAP_WINDOW:g}s, held down {hold:g}s"
             out.append(Change(up.address, "unhealthy", f"{why} (score {up.score})"))
         elif not up.usable and up.unhealthy_since is None:
-            # A new upstream whose first probes fail: say so once.
+            # A new upstream whose first probes fail: not a transition (it was
+            # never healthy; apiservers and kap often start together). The
+            # prober warns once if it stays so (kind "never-healthy").
             up.unhealthy_since = now
-            out.append(Change(up.address, "unhealthy", f"{why} (score {up.score})"))
         if old_tier is not None and up.tier != old_tier:
             out.append(
                 Change(

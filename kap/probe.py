@@ -5,30 +5,44 @@ its nursery, each probing at start and then every
 ``interval * (1 + jitter * U(-1, 1))``. One task per upstream (not rounds)
 means a black-holed upstream costs its own timeout and delays nobody else.
 
-What the latency is: the time from sending the request headers to receiving
-the response headers, taken from httpcore's trace hooks. It excludes the TCP
-connect and the TLS handshake, so it measures the network round trip plus the
-apiserver's own answer time, and not kap's CPU spent on a handshake (6.4 ms of
-CPU per new TLS connection here, perf-facts.md), which on a busy node would
-scatter upstreams over random tiers. Connections are kept alive between
-probes, which also makes a probe cost about 1.8 ms of CPU instead of 6.4 ms.
+A probe has two deadlines, each bounding what it measures:
+
+* Opening the connection (TCP connect and TLS handshake) has the *open
+  budget* (``open_budget``: a fifth of the interval, or two timeouts when
+  that is longer, never more than one interval). It is needed only when
+  there is no kept-alive connection (the first probe, after a failure, after
+  the credentials change or the apiserver closed it); a connection not open
+  within it is a failed probe, so a hung or black-holed apiserver still
+  fails on time.
+* ``--health-timeout`` bounds one ``GET /readyz`` on the open connection.
+  A request that times out closes the connection; the next probe opens a new
+  one first, under the open budget, so a timeout never dooms the next probe.
+
+What the latency is: the time from sending the request to receiving the
+response headers on the open connection: one round trip plus the apiserver's
+own answer time (an apiserver 40 ms away shows about 40 ms). It leaves out
+the TCP connect and the TLS handshake, and with them kap's CPU spent on a
+handshake (6.4 ms of CPU per new TLS connection here), which on a busy node
+would scatter upstreams over random tiers. Connections are kept alive between
+probes, which also spares that CPU on every probe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import ssl
 from collections.abc import Callable
-from typing import Any
 
 import attrs
-import httpx2
+import h11
 import trio
 from loguru import logger
 
 from kap.address import Address
 from kap.credentials import CredentialFiles
 from kap.pool import Change, Pool
+from kap.probe_connection import Http11Connection, ProbeProtocolError, open_connection
 
 READYZ_PATH = "/readyz"
 # 401/403: the apiserver answered, so it is alive; only kap's credentials are
@@ -42,11 +56,48 @@ LOOP_LAG_TOLERANCE = 0.02
 # Closing a kept-alive probe connection is a TLS close_notify at most: 100 ms
 # is plenty on loopback and bounds it when the peer is hung.
 CLOSE_DEADLINE = 0.1
+# The open budget is at least this share of the interval. A hung apiserver's
+# three fast confirmations are each a connection that never opens: after the
+# first timed-out request they take 3 x interval/5 (3 x 200 ms with the
+# defaults), which keeps it out of rotation within interval + 3 x timeout +
+# interval whenever the timeout is at most a fifth of the interval.
+OPEN_BUDGET_SHARE = 0.2
+# ... and at least this many timeouts: an apiserver near enough to answer a
+# request within the timeout is one round trip away at most, and TCP plus a
+# TLS 1.3 handshake (what kube-apiserver speaks) take two.
+OPEN_BUDGET_TIMEOUTS = 2
+# A new upstream that has not passed a probe this many intervals after it was
+# added is worth a warning (once); its earlier failures are only debug lines,
+# since apiservers and kap often start together.
+NEVER_HEALTHY_INTERVALS = 5
+# Errors of a probe connection: connect errors (OSError), TLS and resets
+# (trio.BrokenResourceError, caused by the ssl.SSLError or OSError), and
+# answers that are not HTTP.
+PROBE_ERRORS = (
+    OSError,
+    ssl.SSLError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    h11.LocalProtocolError,
+    ProbeProtocolError,
+)
 
 
 def next_delay(interval: float, jitter: float, u: float) -> float:
     """Seconds until the next probe; ``u`` is drawn from U(-1, 1)."""
     return max(0.0, interval * (1.0 + jitter * u))
+
+
+def open_budget(interval: float, timeout: float) -> float:
+    """Seconds a probe may spend opening its connection (TCP connect + TLS handshake).
+
+    Its own budget, not ``--health-timeout``: an apiserver 40 ms away needs
+    about 80 ms to open a connection and 40 ms more for the request, so one
+    100 ms deadline over both would never pass. At most one interval, so the
+    probes of a hung or black-holed apiserver still fail at their pace; see
+    ``OPEN_BUDGET_SHARE`` and ``OPEN_BUDGET_TIMEOUTS`` for the two floors.
+    """
+    return min(interval, max(interval * OPEN_BUDGET_SHARE, timeout * OPEN_BUDGET_TIMEOUTS))
 
 
 @attrs.frozen
@@ -58,13 +109,16 @@ class ProbeResult:
     error: str | None = None
     auth_refused: bool = False
     inconclusive: bool = False  # kap itself was too busy to tell; not recorded
+    open_timed_out: bool = False  # the connection did not open within the open budget
 
 
 def describe_error(exc: BaseException) -> str:
     """One short line for an exception from a probe, for logs and /upstreams.
 
-    httpx wraps the interesting error (refused, TLS verification, reset) in
-    exceptions with empty messages; the first non-empty one in the chain wins.
+    Wrappers (trio's BrokenResourceError around a TLS error, httpx's errors in
+    discovery) often have empty messages; the first non-empty one in the chain
+    wins. A certificate that does not verify says "certificate verify failed"
+    and why, as OpenSSL and kubectl put it.
     """
     chain: list[BaseException] = []
     cur: BaseException | None = exc
@@ -73,7 +127,7 @@ def describe_error(exc: BaseException) -> str:
         cur = cur.__cause__ or cur.__context__
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
-            return f"TLS verification failed: {e.verify_message}"
+            return f"certificate verify failed: {e.verify_message}"
     for e in chain:
         if isinstance(e, OSError) and e.strerror:
             return " ".join(e.strerror.split())[:200]
@@ -85,77 +139,57 @@ def describe_error(exc: BaseException) -> str:
 
 @attrs.define
 class Prober:
-    """One HTTPS probe of one upstream, over a kept-alive connection per upstream."""
+    """HTTPS probes of upstreams, over one kept-alive connection per upstream.
+
+    A probe is two steps, each without a deadline of its own (the scheduler
+    puts each under its own cancel scope): ``open`` makes sure the upstream
+    has an open connection, ``request`` sends one ``GET /readyz`` on it.
+    """
 
     credentials: CredentialFiles
     server_name: str
-    _clients: dict[Address, tuple[int, httpx2.AsyncClient]] = attrs.field(
-        factory=dict, alias="_clients"
-    )
-    _stale: list[httpx2.AsyncClient] = attrs.field(factory=list, alias="_stale")
+    _connections: dict[Address, Http11Connection] = attrs.field(factory=dict, alias="_connections")
 
-    def _client(self, address: Address) -> httpx2.AsyncClient:
-        ctx = self.credentials.ssl_context()
-        entry = self._clients.get(address)
-        if entry is not None and entry[0] == self.credentials.generation:
-            return entry[1]
-        client = httpx2.AsyncClient(
-            verify=ctx,
-            trust_env=False,  # no proxies or netrc from the environment
-            http2=False,
-            limits=httpx2.Limits(max_connections=1, max_keepalive_connections=1),
-            timeout=None,  # the caller's cancel scope is the deadline
-            follow_redirects=False,
-        )
-        self._clients[address] = (self.credentials.generation, client)
-        if entry is not None:
-            self._stale.append(entry[1])
-        return client
+    async def open(self, address: Address) -> ProbeResult | None:
+        """Reuse the upstream's connection, or open a new one.
 
-    async def forget(self, address: Address) -> None:
-        """Close the kept-alive connection of an upstream (after a failure or its removal).
+        A connection is reused while it is idle, still open and made with the
+        current credentials (a rotated CA or client certificate reopens it).
 
-        Cancellation: shielded, with a short deadline of its own, so a
-        cancelled probe still releases its socket.
+        Returns:
+          None when the connection is open, else the failed probe.
         """
-        entry = self._clients.pop(address, None)
-        if entry is not None:
-            self._stale.append(entry[1])
-        await self._close_stale()
+        context = self.credentials.ssl_context()  # first: it may bump the generation
+        conn = self._connections.get(address)
+        if conn is not None:
+            if conn.generation == self.credentials.generation and conn.reusable:
+                return None
+            await self.forget(address)
+        try:
+            conn = await open_connection(
+                address, context, self.server_name, self.credentials.generation
+            )
+        except PROBE_ERRORS as e:
+            return ProbeResult(ok=False, error=describe_error(e))
+        self._connections[address] = conn
+        return None
 
-    async def _close_stale(self) -> None:
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_DEADLINE):
-            while self._stale:
-                await self._stale.pop().aclose()
-
-    async def probe(self, address: Address) -> ProbeResult:
-        """One ``GET /readyz``. No deadline of its own: the caller's cancel scope is it."""
-        client = self._client(address)
-        marks: dict[str, float] = {}
-
-        async def trace(name: str, info: dict[str, Any]) -> None:
-            marks[name] = trio.current_time()
-
-        extensions: dict[str, Any] = {"trace": trace}
-        if self.server_name:
-            extensions["sni_hostname"] = self.server_name
+    async def request(self, address: Address) -> ProbeResult:
+        """One ``GET /readyz`` on the connection ``open`` made."""
+        conn = self._connections.get(address)
+        if conn is None:
+            return ProbeResult(ok=False, error="no open connection")
+        headers = list(self.credentials.headers().items())
         start = trio.current_time()
         try:
-            response = await client.get(
-                f"https://{address}{READYZ_PATH}",
-                headers=self.credentials.headers(),
-                extensions=extensions,
-            )
-        except (httpx2.HTTPError, ssl.SSLError, OSError) as e:
+            answer = await conn.get(READYZ_PATH, headers)
+        except PROBE_ERRORS as e:
             await self.forget(address)
-            return ProbeResult(
-                ok=False, error=describe_error(e), duration=trio.current_time() - start
-            )
+            return ProbeResult(ok=False, error=describe_error(e))
         duration = trio.current_time() - start
-        sent = marks.get("http11.send_request_headers.started")
-        got = marks.get("http11.receive_response_headers.complete")
-        latency = got - sent if sent is not None and got is not None else duration
-        status = response.status_code
+        if not conn.reusable:
+            await self.forget(address)  # "Connection: close", or closed right after
+        status, latency = answer.status, answer.latency
         if status == 200:
             return ProbeResult(ok=True, status=status, latency=latency, duration=duration)
         if status in AUTH_REFUSED:
@@ -167,7 +201,7 @@ class Prober:
                 auth_refused=True,
                 error=f"HTTP {status}: kap's credentials are refused",
             )
-        body = " ".join(response.text.split())[:120]
+        body = " ".join(answer.body.decode("utf-8", "replace").split())[:120]
         return ProbeResult(
             ok=False,
             status=status,
@@ -175,8 +209,25 @@ class Prober:
             error=f"HTTP {status}" + (f": {body}" if body else ""),
         )
 
+    async def forget(self, address: Address) -> None:
+        """Close the kept-alive connection of an upstream (after a failure or its removal).
+
+        Cancellation: shielded, with a short deadline of its own, so a
+        cancelled probe still releases its socket.
+        """
+        conn = self._connections.pop(address, None)
+        if conn is None:
+            return
+        # The socket is closed whatever happens (trio's SSLStream.aclose,
+        # cancelled or not); a broken connection has nothing left to tell.
+        with (
+            trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_DEADLINE),
+            contextlib.suppress(*PROBE_ERRORS),
+        ):
+            await conn.aclose()
+
     async def aclose(self) -> None:
-        for address in list(self._clients):
+        for address in list(self._connections):
             await self.forget(address)
 
 
@@ -225,16 +276,26 @@ class ProbeScheduler:
 
     async def _loop(self, address: Address, scope: trio.CancelScope) -> None:
         with scope:
+            added = trio.current_time()
+            warned = False
             while True:
                 result = await self.probe_once(address)
                 up = self.pool.get(address)
+                if not warned and up is not None and not up.probed_ok:
+                    waited = trio.current_time() - added
+                    if waited >= NEVER_HEALTHY_INTERVALS * self.interval:
+                        warned = True
+                        why = f"not healthy {waited:.0f}s after it was added: {up.last_error}"
+                        self.on_changes([Change(address, "never-healthy", why)])
                 if result.inconclusive or (
                     not result.ok and up is not None and up.score >= 0 and up.probed_ok
                 ):
                     # On its way down: confirm quickly (HAProxy's fastinter), so
-                    # a hung apiserver leaves rotation within about
-                    # interval + 4 x (timeout + fast delay), not 4 intervals.
-                    delay = self.fast_delay
+                    # a hung apiserver leaves rotation within about interval +
+                    # timeout + fast delay + 3 x open budget, not 4 intervals.
+                    # After a connection that did not open in its budget, at
+                    # once: waiting for it was the pause.
+                    delay = 0.0 if result.open_timed_out else self.fast_delay
                 else:
                     delay = next_delay(self.interval, self.jitter, self.rng.uniform(-1, 1))
                 with trio.move_on_after(delay) as nap:
@@ -247,6 +308,11 @@ class ProbeScheduler:
         """Pause between confirming probes of a failing upstream."""
         return min(self.interval / 4, self.timeout)
 
+    @property
+    def open_budget(self) -> float:
+        """Seconds a probe may spend opening its connection: see ``open_budget()``."""
+        return open_budget(self.interval, self.timeout)
+
     def poke(self, address: Address) -> None:
         """Probe ``address`` now (a client's dial to it just failed): wakes its task."""
         nap = self._naps.get(address)
@@ -254,32 +320,41 @@ class ProbeScheduler:
             nap.cancel()
 
     async def probe_once(self, address: Address) -> ProbeResult:
-        """Probe ``address`` under the timeout and apply the result to the pool.
+        """Probe ``address`` and apply the result to the pool.
 
-        A timeout noticed late, because kap's own loop was busy past the
-        deadline, says nothing about the upstream: it is *inconclusive*, not
-        recorded, and the probe is repeated soon (an upstream must never be
-        marked down because kap was busy).
+        Two steps, two deadlines: open the connection (when there is no
+        kept-alive one) within the open budget, then ``GET /readyz`` within
+        the timeout. Either deadline passing is a failed probe and closes the
+        connection; the next probe opens a new one before its request.
+
+        A deadline noticed late, because kap's own loop was busy past it, says
+        nothing about the upstream: the probe is *inconclusive*, not recorded,
+        and repeated soon (an upstream must never be marked down because kap
+        was busy).
         """
         start = trio.current_time()
-        deadline = start + self.timeout
         result: ProbeResult | None = None
-        with trio.move_on_at(deadline):
-            result = await self.prober.probe(address)
-        if result is None:
-            late = trio.current_time() - deadline
-            await self.prober.forget(address)
-            if late > max(LOOP_LAG_TOLERANCE, self.timeout / 2):
-                self.inconclusive_total += 1
-                logger.bind(upstream=str(address), late_ms=round(late * 1e3, 1)).debug(
-                    "probe timed out while kap's loop was busy; not counted"
-                )
-                return ProbeResult(ok=False, inconclusive=True, error="kap's loop was busy")
-            result = ProbeResult(
-                ok=False,
-                duration=trio.current_time() - start,
-                error=f"timeout after {self.timeout * 1e3:g}ms",
+        opened = False
+        open_deadline = start + self.open_budget
+        with trio.move_on_at(open_deadline):
+            result = await self.prober.open(address)
+            opened = True
+        if not opened:
+            budget_ms = self.open_budget * 1e3
+            result = await self._timed_out(
+                address, open_deadline, start, f"connection not open within {budget_ms:g}ms"
             )
+            result = attrs.evolve(result, open_timed_out=not result.inconclusive)
+        elif result is None:
+            deadline = trio.current_time() + self.timeout
+            with trio.move_on_at(deadline):
+                result = await self.prober.request(address)
+            if result is None:
+                result = await self._timed_out(
+                    address, deadline, start, f"timeout after {self.timeout * 1e3:g}ms"
+                )
+        if result.inconclusive:
+            return result
         log = logger.bind(upstream=str(address))
         if result.ok:
             log.debug("probe ok", status=result.status, latency_ms=_ms(result.latency))
@@ -290,7 +365,7 @@ class ProbeScheduler:
             ok=result.ok,
             now=trio.current_time(),
             latency=result.latency,
-            duration=result.duration,
+            duration=trio.current_time() - start,
             error=result.error,
             auth_refused=result.auth_refused,
             answered=result.status is not None,
@@ -298,6 +373,20 @@ class ProbeScheduler:
         if changes:
             self.on_changes(changes)
         return result
+
+    async def _timed_out(
+        self, address: Address, deadline: float, start: float, error: str
+    ) -> ProbeResult:
+        """The result of a step that ran out of time: failed, or inconclusive if kap was late."""
+        late = trio.current_time() - deadline
+        await self.prober.forget(address)
+        if late > max(LOOP_LAG_TOLERANCE, self.timeout / 2):
+            self.inconclusive_total += 1
+            logger.bind(upstream=str(address), late_ms=round(late * 1e3, 1)).debug(
+                "probe timed out while kap's loop was busy; not counted"
+            )
+            return ProbeResult(ok=False, inconclusive=True, error="kap's loop was busy")
+        return ProbeResult(ok=False, duration=trio.current_time() - start, error=error)
 
 
 def _ms(seconds: float | None) -> float | None:

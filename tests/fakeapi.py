@@ -977,6 +977,10 @@ class FakeApiServer:
                 with trio.move_on_after(timeout) as deadline:
                     await stream.follow(subscription, deadline)
                 nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client reset the connection while an event was on its way
+            # (before _watch_for_close saw it): the watch is over, not the fake.
+            client_gone.set()
         finally:
             store._unsubscribe(subscription)
         if not client_gone.is_set():

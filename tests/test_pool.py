@@ -174,10 +174,11 @@ def test_transitions_are_reported_once() -> None:
     assert p.get(A).unhealthy_since == 5  # type: ignore[union-attr]
 
 
-def test_first_failures_of_a_new_upstream_are_reported_once() -> None:
+def test_first_failures_of_a_new_upstream_are_not_transitions() -> None:
     p = pool_of(A)
     kinds = [c.kind for t in range(4) for c in p.record_probe(A, ok=False, error="x", now=t)]
-    assert kinds == ["unhealthy"]
+    assert kinds == []
+    assert p.get(A).unhealthy_since == 0  # type: ignore[union-attr]
 
 
 def test_auth_refused_counts_as_alive_and_is_reported_once() -> None:

@@ -12,20 +12,42 @@ import trio.testing
 
 from kap.address import Address
 from kap.pool import SOURCE_FLAG, Change, Pool
-from kap.probe import ProbeResult, ProbeScheduler, next_delay
+from kap.probe import ProbeResult, ProbeScheduler, next_delay, open_budget
 
 A, B, C = (Address(f"10.0.0.{i}", 6443) for i in range(1, 4))
 
 
 @attrs.define
 class ScriptedProber:
-    """A prober whose upstreams behave by name: 'ok', 'hang', 'slow:<s>', 'fail'."""
+    """A prober whose upstreams behave by name.
+
+    'ok', 'fail' (HTTP 500), 'hang' (the request never answers), 'slow:<s>'
+    (the request takes s seconds), 'hang-open' (the connection never opens),
+    'slow-open:<s>' (opening takes s seconds, then 'ok'), 'refuse' (the
+    connection is refused). A connection stays open until forgotten.
+    """
 
     behaviour: dict[Address, str]
     calls: dict[Address, list[float]] = attrs.field(factory=dict)
+    opens: dict[Address, list[float]] = attrs.field(factory=dict)
     forgotten: list[Address] = attrs.field(factory=list)
+    connected: set[Address] = attrs.field(factory=set)
 
-    async def probe(self, address: Address) -> ProbeResult:
+    async def open(self, address: Address) -> ProbeResult | None:
+        if address in self.connected:
+            return None
+        self.opens.setdefault(address, []).append(trio.current_time())
+        how = self.behaviour[address]
+        if how == "hang-open":
+            await trio.sleep_forever()
+        if how.startswith("slow-open:"):
+            await trio.sleep(float(how.split(":")[1]))
+        if how == "refuse":
+            return ProbeResult(ok=False, error="Connection refused")
+        self.connected.add(address)
+        return None
+
+    async def request(self, address: Address) -> ProbeResult:
         self.calls.setdefault(address, []).append(trio.current_time())
         how = self.behaviour[address]
         if how == "hang":
@@ -37,6 +59,7 @@ class ScriptedProber:
         return ProbeResult(ok=True, status=200, latency=0.0005, duration=0.0005)
 
     async def forget(self, address: Address) -> None:
+        self.connected.discard(address)
         self.forgotten.append(address)
 
     async def aclose(self) -> None:
@@ -177,3 +200,134 @@ async def test_a_timeout_noticed_late_because_kap_was_busy_is_not_counted() -> N
     assert plain.error == "timeout after 50ms"
     up = pool.get(A)
     assert up is not None and up.probes_total == 1 and sched.inconclusive_total == 1
+
+
+@pytest.mark.parametrize(
+    ("interval", "timeout", "budget"),
+    [
+        (1.0, 0.1, 0.2),  # the defaults: a fifth of the interval, two timeouts
+        (1.0, 0.05, 0.2),  # a fifth of the interval
+        (1.0, 0.2, 0.4),  # two timeouts when that is longer
+        (10.0, 0.1, 2.0),
+        (1.0, 0.9, 1.0),  # never more than one interval
+    ],
+)
+def test_open_budget_formula(interval: float, timeout: float, budget: float) -> None:
+    assert open_budget(interval, timeout) == pytest.approx(budget)
+
+
+async def test_a_slow_open_is_not_under_the_request_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A distant apiserver: opening takes longer than the timeout, the request does not."""
+    pool = Pool()
+    pool.set_source(SOURCE_FLAG, [A], now=0)
+    prober = ScriptedProber({A: "slow-open:0.15"})
+    sched = scheduler(pool, prober, timeout=0.1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sched.run)
+        await trio.sleep(2.5)
+        nursery.cancel_scope.cancel()
+    assert prober.opens[A] == [0.0]  # opened once, then kept alive
+    assert prober.calls[A] == pytest.approx([0.15, 1.15, 2.15])
+    up = pool.get(A)
+    assert up is not None and up.usable and up.probe_failures_total == 0
+
+
+async def test_a_timed_out_request_reopens_before_the_next_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pool = Pool()
+    pool.set_source(SOURCE_FLAG, [A], now=0)
+    prober = ScriptedProber({A: "slow-open:0.08"})
+    sched = scheduler(pool, prober, timeout=0.1)
+    with trio.fail_after(5):
+        assert (await sched.probe_once(A)).ok
+        prober.behaviour[A] = "hang"
+        assert (await sched.probe_once(A)).error == "timeout after 100ms"
+        prober.behaviour[A] = "slow-open:0.08"
+        t0 = trio.current_time()
+        assert (await sched.probe_once(A)).ok
+    # The open (80 ms) and the request each had their own deadline.
+    assert len(prober.opens[A]) == 2 and prober.calls[A][-1] == pytest.approx(t0 + 0.08)
+
+
+async def test_a_connection_that_never_opens_fails_within_the_open_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pool = Pool()
+    pool.set_source(SOURCE_FLAG, [A], now=0)
+    prober = ScriptedProber({A: "hang-open"})
+    sched = scheduler(pool, prober, interval=1.0, timeout=0.1)
+    result = await sched.probe_once(A)
+    assert result.open_timed_out and result.error == "connection not open within 200ms"
+    assert trio.current_time() == pytest.approx(0.2)
+    assert A in prober.forgotten
+
+
+async def test_a_hung_upstream_leaves_rotation_on_time_though_it_needs_new_connections(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """SIGSTOP: the kept-alive request times out, then every new connection hangs."""
+    pool = Pool()
+    pool.set_source(SOURCE_FLAG, [A], now=0)
+    prober = ScriptedProber({A: "ok"})
+    sched = scheduler(pool, prober, interval=1.0, timeout=0.1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sched.run)
+        await trio.sleep(3.5)  # score 3 on a kept-alive connection
+        prober.behaviour[A] = "hang"  # the open connection's request hangs...
+        await trio.sleep(0.5 + 0.1 + 0.05)  # the 4.0 probe timed out at 4.1
+        prober.behaviour[A] = "hang-open"  # ... and so do new handshakes
+        t0 = 3.5
+        while pool.get(A).usable:  # type: ignore[union-attr]
+            await trio.sleep(0.01)
+        fall_time = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    # Next probe at 4.0 times out at 4.1; after the fast delay three opens
+    # of 200 ms each, back to back: out at 4.8.
+    assert fall_time == pytest.approx(0.5 + 0.1 + 0.1 + 3 * 0.2, abs=0.02)
+    assert fall_time <= 1.0 + 3 * 0.1 + 1.0  # interval + 3 x timeout + interval
+
+
+async def test_a_new_upstream_that_never_passes_is_warned_about_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pool = Pool()
+    pool.set_source(SOURCE_FLAG, [A, B], now=0)
+    prober = ScriptedProber({A: "refuse", B: "ok"})
+    seen: list[Change] = []
+    sched = scheduler(pool, prober)
+    sched.on_changes = seen.extend
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sched.run)
+        await trio.sleep(4.5)
+        assert [c.kind for c in seen if c.address == A] == []  # not logged as transitions
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    about_a = [c for c in seen if c.address == A]
+    assert [c.kind for c in about_a] == ["never-healthy"]
+    assert "Connection refused" in about_a[0].reason
+    assert [c.kind for c in seen if c.address == B] == ["healthy"]
+
+
+async def test_an_open_noticed_late_because_kap_was_busy_is_not_counted() -> None:
+    """Real clock: a task blocks the loop past the open budget."""
+    import time
+
+    pool = Pool()
+    pool.set_source(SOURCE_FLAG, [A], now=0)
+    prober = ScriptedProber({A: "hang-open"})
+    sched = scheduler(pool, prober, interval=0.2, timeout=0.02)  # open budget 40 ms
+
+    async def hog() -> None:
+        await trio.sleep(0.01)
+        time.sleep(0.2)  # noqa: ASYNC251 -- the point: kap's loop stalls
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(hog)
+            busy = await sched.probe_once(A)
+    assert busy.inconclusive and not busy.open_timed_out
+    up = pool.get(A)
+    assert up is not None and up.probes_total == 0 and sched.inconclusive_total == 1
