@@ -1,7 +1,8 @@
 """kap's configuration: the option table, and parsing it into a frozen Config.
 
-Pure logic: the only outside facts it needs (is a file readable? what is in
-the environment?) come in as arguments, so every row of the table is tested
+Pure logic: the only outside facts it needs (is a file readable? does a
+credential file load? what is in the environment, the working directory, a
+kubeconfig?) come in as arguments, so every row of the table is tested
 without touching the disk. The CLI (``kap.cli``) builds its flags from
 ``OPTIONS`` and hands the raw strings here; every problem found becomes one
 line naming the flag and its environment variable, and kap exits with status
@@ -11,17 +12,29 @@ line naming the flag and its environment variable, and kap exits with status
 from __future__ import annotations
 
 import ipaddress
+import os
+import posixpath
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from kap.address import Address, AddressError, parse_list, parse_port
 from kap.durations import DurationError, parse_duration
+from kap.sources import (
+    FLAGS,
+    KUBECONFIG,
+    SERVICEACCOUNT_DIR,
+    STATIC_POD,
+    STATIC_POD_DIR,
+    Credentials,
+    resolve,
+    serviceaccount_files,
+    static_pod_files,
+)
 
-# Where kubelet mounts a Pod's ServiceAccount credentials.
-SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-# Where the seed's static pod manifest mounts kap's CA and client certificate.
-STATIC_POD_DIR = "/var/run/kubernetes.io/kap"
+if TYPE_CHECKING:
+    from kap.kubeconfig import KubeconfigCredentials
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -122,8 +135,8 @@ OPTIONS: tuple[Option, ...] = (
         ("--ca-file",),
         "CA_FILE",
         None,
-        "CA bundle the apiserver certificate is verified against "
-        "(default: the ServiceAccount CA when present).",
+        "CA bundle the apiserver certificate is verified against; without one kap "
+        "presents no credentials (default: kubeconfig, static-pod, ServiceAccount CA).",
     ),
     Option(
         "cert_file",
@@ -174,7 +187,8 @@ OPTIONS: tuple[Option, ...] = (
         ("--kubeconfig",),
         "KUBECONFIG",
         None,
-        "Kubeconfig for discovery credentials (its server is one more seed).",
+        "Kubeconfig with credentials for probes and discovery, below the explicit flags "
+        "(its server is one more seed; KUBECONFIG may list files, a:b, first wins).",
     ),
     Option(
         "as_static_pod",
@@ -215,20 +229,6 @@ _FALSE = {"0", "f", "false", "n", "no", "off"}
 
 
 @attrs.frozen
-class Credentials:
-    """Files that authenticate kap to the apiservers (probes and discovery).
-
-    ``origin`` says where they came from, for the start-up log line.
-    """
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    token_file: str | None = None
-    origin: str = "none"
-
-
-@attrs.frozen
 class Config:
     listen_addr: str = "0.0.0.0"
     listen_port: int = 7443
@@ -243,12 +243,17 @@ class Config:
     health_jitter: float = 0.2
     fallback_upstreams: tuple[Address, ...] = ()
     fallback_file: str | None = None
-    credentials: Credentials = Credentials()
+    credentials: Credentials = attrs.field(factory=Credentials)
     tls_server_name: str = "kubernetes.default.svc"
     shutdown_grace: float = 10.0
     discover_period: float = 5.0
     removal_grace: float = 30.0
     kubeconfig: str | None = None
+    # The kubeconfig's server (one more seed) and context; ``kubeconfig_files``
+    # keeps its inline data's temporary files open as long as kap runs.
+    kubeconfig_seed: Address | None = None
+    kubeconfig_context: str | None = None
+    kubeconfig_files: tuple[Any, ...] = attrs.field(default=(), eq=False, repr=False)
     as_static_pod: bool = False
     static_pod_dir: str = STATIC_POD_DIR
     discovery: bool = True
@@ -311,6 +316,10 @@ def parse_config(
     *,
     environ: Mapping[str, str],
     readable: Callable[[str], str | None],
+    check: Callable[[Credentials], Mapping[str, str]] | None = None,
+    is_dir: Callable[[str], bool] = lambda path: True,
+    load_kubeconfig: Callable[[list[str]], KubeconfigCredentials] | None = None,
+    cwd: str | None = None,
 ) -> Config:
     """Build a Config from the raw option strings (flag or env or default).
 
@@ -318,6 +327,12 @@ def parse_config(
       values: option name -> raw string (``None`` for an unset option).
       environ: the process environment (for KUBERNETES_SERVICE_HOST/PORT).
       readable: path -> ``None`` when the file can be read, else the reason.
+      check: the resolved credentials -> field -> why it does not load
+        (``kap.credentials.check_files``); None checks nothing.
+      is_dir: whether a directory exists (for the fallback file's).
+      load_kubeconfig: reads and merges kubeconfig files (default
+        ``kap.kubeconfig.load_paths``).
+      cwd: what relative paths are relative to (default: the working directory).
 
     Raises:
       ConfigError: with one line per invalid option.
@@ -402,89 +417,156 @@ def parse_config(
     except AddressError as e:
         bad("fallback_upstreams", str(e))
 
+    tls_server_name = values.get("tls_server_name")
     out["tls_server_name"] = (raw("tls_server_name") or "").strip()
     boolean("as_static_pod")
     boolean("discovery")
-    out["static_pod_dir"] = (raw("static_pod_dir") or STATIC_POD_DIR).rstrip("/") or "/"
+    here = os.getcwd() if cwd is None else cwd
+
+    def absolute(path: str) -> str:
+        """Relative to the working directory, as in any CLI (made absolute once, here)."""
+        return posixpath.normpath(posixpath.join(here, path.strip()))
+
+    out["static_pod_dir"] = absolute(raw("static_pod_dir") or STATIC_POD_DIR)
 
     # Files given explicitly must be readable now: a typo fails fast, not at
-    # the first probe. The fallback file is exempt (kap creates and repairs it).
-    for name in ("ca_file", "cert_file", "key_file", "token_file", "kubeconfig"):
+    # the first probe. The fallback file is exempt (kap creates and repairs it),
+    # but not its directory.
+    given: dict[str, str] = {}
+    for name in ("ca_file", "cert_file", "key_file", "token_file"):
         path = values.get(name)
         if path is not None and path.strip():
-            why = readable(path)
+            why = readable(absolute(path))
             if why is not None:
                 bad(name, f"{path!r}: {why}")
-            out[name] = path
+            given[name] = path
     fallback_file = values.get("fallback_file")
-    out["fallback_file"] = (
-        fallback_file.strip() if fallback_file and fallback_file.strip() else None
-    )
+    out["fallback_file"] = None
+    if fallback_file and fallback_file.strip():
+        out["fallback_file"] = absolute(fallback_file)
+        parent = posixpath.dirname(str(out["fallback_file"]))
+        if not is_dir(parent):
+            bad("fallback_file", f"{fallback_file!r}: directory {parent} does not exist")
 
-    if bool(values.get("cert_file")) != bool(values.get("key_file")):
-        missing = "key_file" if values.get("cert_file") else "cert_file"
+    if bool(given.get("cert_file")) != bool(given.get("key_file")):
+        missing = "key_file" if given.get("cert_file") else "cert_file"
         other = "--cert-file" if missing == "key_file" else "--key-file"
         bad(missing, f"required together with {other}")
 
+    kubeconfig = _kubeconfig(values.get("kubeconfig"), absolute, load_kubeconfig, bad)
     if problems:
         raise ConfigError(problems)
 
-    out["credentials"] = _credentials(values, out, readable, warnings)
+    explicit = Credentials(origin=FLAGS, **{n: absolute(p) for n, p in given.items()})
+    out["credentials"] = _credentials(
+        explicit,
+        kubeconfig,
+        out,
+        kubeconfig_text=values.get("kubeconfig"),
+        readable=readable,
+        check=check,
+        bad=bad,
+        warnings=warnings,
+    )
+    if problems:
+        raise ConfigError(problems)
+    if kubeconfig is not None:
+        warnings.extend(kubeconfig.warnings)
+        out["kubeconfig"] = values.get("kubeconfig")
+        out["kubeconfig_seed"] = kubeconfig.seed
+        out["kubeconfig_context"] = kubeconfig.context
+        out["kubeconfig_files"] = kubeconfig.files
+        if tls_server_name is None and kubeconfig.tls_server_name:
+            out["tls_server_name"] = kubeconfig.tls_server_name
     out["default_service"] = _default_service(environ, warnings)
-    out["kubeconfig"] = out.get("kubeconfig")
-    for name in ("ca_file", "cert_file", "key_file", "token_file"):
-        out.pop(name, None)
     if out["health_timeout"] >= out["health_interval"]:  # type: ignore[operator]
         warnings.append("--health-timeout is not shorter than --health-interval: probes overlap")
     out["warnings"] = tuple(warnings)
     return Config(**out)  # type: ignore[arg-type]
 
 
+def _kubeconfig(
+    text: str | None,
+    absolute: Callable[[str], str],
+    load: Callable[[list[str]], KubeconfigCredentials] | None,
+    bad: Callable[[str, str], None],
+) -> KubeconfigCredentials | None:
+    """The kubeconfig(s) named by ``--kubeconfig``/``KUBECONFIG`` (a:b, first wins)."""
+    if text is None or not text.strip():
+        return None
+    from kap.kubeconfig import KubeconfigError, load_paths, split_paths
+
+    paths = [absolute(p) for p in split_paths(text)]
+    try:
+        return (load or load_paths)(paths)
+    except KubeconfigError as e:
+        bad("kubeconfig", str(e))
+        return None
+
+
+# What a credential field is called in an error line about a kubeconfig.
+_FIELD_NAMES = {"ca": "CA", "cert": "client certificate/key", "token": "token"}
+_FIELD_FLAGS = {"ca": "ca_file", "cert": "cert_file", "token": "token_file"}
+
+
 def _credentials(
-    values: Mapping[str, str | None],
+    explicit: Credentials,
+    kubeconfig: KubeconfigCredentials | None,
     out: Mapping[str, object],
+    *,
+    kubeconfig_text: str | None,
     readable: Callable[[str], str | None],
+    check: Callable[[Credentials], Mapping[str, str]] | None,
+    bad: Callable[[str, str], None],
     warnings: list[str],
 ) -> Credentials:
-    """Resolve credential files: explicit flags, else static-pod dir, else ServiceAccount."""
-    explicit = {
-        n: values.get(n) or None for n in ("ca_file", "cert_file", "key_file", "token_file")
-    }
+    """One resolved set of credential files (see ``kap.sources`` for the precedence).
+
+    A file from the flags or the kubeconfig that does not load is a start-up
+    error. The default files are used only when readable: a ServiceAccount
+    file that is not there is skipped silently, a static-pod CA with a
+    warning. The static-pod client certificate is kept even when it is not
+    there yet: ``CredentialFiles`` logs it once and uses it when it appears.
+    """
+    layers = [explicit]
+    if kubeconfig is not None:
+        layers.append(kubeconfig.credentials)
     if out["as_static_pod"]:
-        base = str(out["static_pod_dir"])
-        defaults = {
-            "ca_file": f"{base}/ca.crt",
-            "cert_file": f"{base}/cl.crt",
-            "key_file": f"{base}/cl.key",
-            "token_file": None,
-        }
-        origin = "static-pod"
-        for name, path in defaults.items():
-            if explicit[name] is None and path is not None and readable(path) is not None:
-                warnings.append(
-                    f"static-pod mode: {path} is not readable ({readable(path)}); "
-                    "probes and discovery go without it"
-                )
-                defaults[name] = None
-    else:
-        defaults = {
-            "ca_file": f"{SERVICEACCOUNT_DIR}/ca.crt",
-            "cert_file": None,
-            "key_file": None,
-            "token_file": f"{SERVICEACCOUNT_DIR}/token",
-        }
-        origin = "serviceaccount"
-        for name, path in list(defaults.items()):
-            if path is not None and readable(path) is not None:
-                defaults[name] = None
-    chosen = {n: explicit[n] or defaults[n] for n in explicit}
-    if any(explicit.values()):
-        origin = "flags" if not any(defaults.values()) else f"flags+{origin}"
-    if not any(chosen.values()):
-        origin = "none"
-    if chosen["cert_file"] is None or chosen["key_file"] is None:
-        chosen["cert_file"] = chosen["key_file"] = None
-    return Credentials(origin=origin, **chosen)
+        static = static_pod_files(str(out["static_pod_dir"]))
+        ca = static.ca_file
+        if ca is not None and (why := readable(ca)) is not None:
+            warnings.append(f"static-pod mode: {ca} is not readable ({why}); going without it")
+            static = attrs.evolve(static, ca_file=None)
+        layers.append(static)
+    account = serviceaccount_files(SERVICEACCOUNT_DIR)
+    unreadable: dict[str, Any] = {
+        n: None for n in ("ca_file", "token_file") if readable(getattr(account, n)) is not None
+    }
+    layers.append(attrs.evolve(account, **unreadable))
+    creds, sources = resolve(layers)
+    if check is None:
+        return creds
+    problems = check(creds)
+    drop: dict[str, Any] = {}
+    for field, source in sources.items():
+        why = problems.get(_FIELD_FLAGS[field])
+        if why is None:
+            continue
+        attributes = ("cert_file", "key_file") if field == "cert" else (_FIELD_FLAGS[field],)
+        paths = " ".join(repr(getattr(creds, a)) for a in attributes)
+        if source == FLAGS:
+            bad(_FIELD_FLAGS[field], f"{paths}: {why}")
+        elif source == KUBECONFIG:
+            bad("kubeconfig", f"{kubeconfig_text!r}: its {_FIELD_NAMES[field]} {paths}: {why}")
+        elif source == STATIC_POD and field == "cert":
+            pass  # CredentialFiles says it once, and picks the files up when they are good
+        else:
+            who = "static-pod mode" if source == STATIC_POD else "ServiceAccount"
+            warnings.append(f"{who}: {paths} cannot be used ({why}); going without it")
+            drop.update(dict.fromkeys(attributes))
+    if drop:
+        creds, _ = resolve([attrs.evolve(layer, **drop) for layer in layers])
+    return creds
 
 
 def _default_service(environ: Mapping[str, str], warnings: list[str]) -> Address | None:

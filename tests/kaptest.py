@@ -19,7 +19,7 @@ import trio
 from fakeapi import FakeApiServer, PkiFiles
 
 from kap.app import App, Bound
-from kap.config import Config, parse_config
+from kap.config import SERVICEACCOUNT_DIR, Config, parse_config
 
 FAST = {
     "listen_addr": "127.0.0.1",
@@ -42,7 +42,12 @@ def make_config(
     if pki is not None:
         raw["ca_file"] = str(pki.ca_file)
     raw.update(values)
-    return parse_config(raw, environ=environ or {}, readable=lambda p: None)
+
+    # No ServiceAccount here: its default files are not readable, every other path is.
+    def readable(path: str) -> str | None:
+        return "no such file" if path.startswith(SERVICEACCOUNT_DIR) else None
+
+    return parse_config(raw, environ=environ or {}, readable=readable)
 
 
 async def start_kap(nursery: trio.Nursery, config: Config, *, seed: int = 1) -> tuple[App, Bound]:
