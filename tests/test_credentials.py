@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 from fakeapi import FakeApiServer, PkiFiles, create_pki
-from kaptest import StartFake, make_config, start_kap, upstream, wait_until
+from kaptest import FAST, StartFake, make_config, start_kap, upstream, wait_until
 
-from kap.config import Credentials
+from kap.cli import readable
+from kap.config import Credentials, parse_config
 from kap.credentials import NO_CA, CredentialFiles, check_files
 
 # ---- CredentialFiles, no network ------------------------------------------------
@@ -145,11 +146,11 @@ async def test_no_ca_file_probes_go_unauthenticated_and_discovery_is_off(
     app, _ = await start_kap(nursery, config)
     # A 401 still means alive.
     await wait_until(lambda: upstream(app, a).usable and a.probe_count() >= 5)
-    assert app.discovery is not None and app.discovery.status()["mode"] == "off"
     counts = seen(a)
     print("no CA file:", counts)
     assert counts["handshakes"] >= 1 and counts["requests"] >= 5
     assert counts["with_token"] == 0 and counts["with_client_cert"] == 0
+    assert app.discovery is not None and app.discovery.status()["mode"] == "off"
 
 
 async def test_an_apiserver_from_another_ca_gets_no_credentials(
@@ -203,12 +204,13 @@ async def test_static_pod_client_certificate_is_used_once_it_appears(
 ) -> None:
     d = copy_pki(pki, tmp_path / "kap", "ca.crt")  # cl.crt and cl.key not there yet
     a = await start_fake("a", require_client_cert=True)
-    config = make_config(
-        None,
-        fallback_upstreams=f"127.0.0.1:{a.address[1]}",
-        as_static_pod="true",
-        static_pod_dir=str(d),
-    )
+    raw = {
+        **FAST,
+        "fallback_upstreams": f"127.0.0.1:{a.address[1]}",
+        "as_static_pod": "true",
+        "static_pod_dir": str(d),
+    }
+    config = parse_config(raw, environ={}, readable=readable, check=check_files)
     assert config.credentials.cert_file == str(d / "cl.crt")
     app, _ = await start_kap(nursery, config)
     # Anonymous is refused (403), but alive.
