@@ -122,11 +122,12 @@ class KapProcess:
 
 @asynccontextmanager
 async def kap_process(
-    *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+    *args: str, env: dict[str, str] | None = None, nofile: int | None = None, cwd: Any = None
 ) -> AsyncIterator[KapProcess]:
     """Start ``python -m kap ARGS``; wait for "kap started"; kill it on exit if still running.
 
-    ``nofile`` sets the process's RLIMIT_NOFILE (soft and hard).
+    ``nofile`` sets the process's RLIMIT_NOFILE (soft and hard); ``cwd`` its
+    working directory.
     """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     full_env.update(env or {})
@@ -140,6 +141,7 @@ async def kap_process(
         stderr=subprocess.PIPE,
         env=full_env,
         preexec_fn=limit,
+        cwd=cwd,
     )
     kp = KapProcess(process)
     started = trio.Event()

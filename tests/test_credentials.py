@@ -107,14 +107,17 @@ def test_check_files_says_why_a_file_does_not_load(
     (d / "binary").write_bytes(b"\xff\xfe")
     problems = check_files(Credentials(**{k: str(d / v) for k, v in files.items()}))
     assert list(problems) == [field] and why in problems[field]
-    assert check_files(
-        Credentials(
-            ca_file=str(pki.ca_file),
-            cert_file=str(pki.client_cert_file),
-            key_file=str(pki.client_key_file),
-            token_file=str(pki.token_file),
+    assert (
+        check_files(
+            Credentials(
+                ca_file=str(pki.ca_file),
+                cert_file=str(pki.client_cert_file),
+                key_file=str(pki.client_key_file),
+                token_file=str(pki.token_file),
+            )
         )
-    ) == {}
+        == {}
+    )
 
 
 # ---- against a fake apiserver: counted from the server side -----------------------
