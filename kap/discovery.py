@@ -274,8 +274,8 @@ class EndpointSliceWatcher:
         """Discover until cancelled. Returns at once when there are no credentials."""
         if not self.has_credentials:
             self.mode = "off"
-            self.last_error = "no credentials"
-            logger.bind(credentials=self.credentials.files.origin).error(
+            self.last_error = self.credentials.unverified_reason or "no credentials"
+            logger.bind(credentials=self.credentials.files.origin, error=self.last_error).error(
                 "discovery has no credentials (give --kubeconfig, --token-file, "
                 "--cert-file/--key-file or --as-static-pod, or run with a ServiceAccount); "
                 "kap balances the fallback upstreams only"

@@ -17,6 +17,7 @@ from fakeapi import PkiFiles
 from kaptest import KapProcess, StartFake, get_json, kap_args, kap_process, split_hostport
 
 from kap.config import OPTIONS
+from kap.credentials import NO_CA
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
 
@@ -300,7 +301,10 @@ async def test_without_a_ca_file_kap_never_sends_the_token(
     print("kap process, no CA file:", counts)
     assert counts["handshakes"] >= 1 and counts["requests"] >= 5 and counts["with_token"] == 0
     assert doc["discovery"]["mode"] == "off"
-    assert [r["msg"] for r in kap.lines if r["level"] == "error"] == [
+    assert doc["discovery"]["last_error"] == NO_CA  # /upstreams says why
+    errors = [r for r in kap.lines if r["level"] == "error"]
+    assert [r["error"] for r in errors] == [NO_CA]
+    assert [r["msg"] for r in errors] == [
         "discovery has no credentials (give --kubeconfig, --token-file, "
         "--cert-file/--key-file or --as-static-pod, or run with a ServiceAccount); "
         "kap balances the fallback upstreams only"
