@@ -23,14 +23,10 @@ from kap.address import Address, AddressError, parse_list, parse_port
 from kap.durations import DurationError, parse_duration
 from kap.sources import (
     FLAGS,
-    KUBECONFIG,
-    SERVICEACCOUNT_DIR,
-    STATIC_POD,
     STATIC_POD_DIR,
     Credentials,
-    resolve,
-    serviceaccount_files,
-    static_pod_files,
+    load_kubeconfig_option,
+    resolve_files,
 )
 
 if TYPE_CHECKING:
@@ -453,15 +449,16 @@ def parse_config(
         other = "--cert-file" if missing == "key_file" else "--key-file"
         bad(missing, f"required together with {other}")
 
-    kubeconfig = _kubeconfig(values.get("kubeconfig"), absolute, load_kubeconfig, bad)
+    kubeconfig = load_kubeconfig_option(values.get("kubeconfig"), absolute, load_kubeconfig, bad)
     if problems:
         raise ConfigError(problems)
 
     explicit = Credentials(origin=FLAGS, **{n: absolute(p) for n, p in given.items()})
-    out["credentials"] = _credentials(
+    out["credentials"] = resolve_files(
         explicit,
         kubeconfig,
-        out,
+        as_static_pod=bool(out["as_static_pod"]),
+        static_pod_dir=str(out["static_pod_dir"]),
         kubeconfig_text=values.get("kubeconfig"),
         readable=readable,
         check=check,
@@ -483,90 +480,6 @@ def parse_config(
         warnings.append("--health-timeout is not shorter than --health-interval: probes overlap")
     out["warnings"] = tuple(warnings)
     return Config(**out)  # type: ignore[arg-type]
-
-
-def _kubeconfig(
-    text: str | None,
-    absolute: Callable[[str], str],
-    load: Callable[[list[str]], KubeconfigCredentials] | None,
-    bad: Callable[[str, str], None],
-) -> KubeconfigCredentials | None:
-    """The kubeconfig(s) named by ``--kubeconfig``/``KUBECONFIG`` (a:b, first wins)."""
-    if text is None or not text.strip():
-        return None
-    from kap.kubeconfig import KubeconfigError, load_paths, split_paths
-
-    paths = [absolute(p) for p in split_paths(text)]
-    try:
-        return (load or load_paths)(paths)
-    except KubeconfigError as e:
-        bad("kubeconfig", str(e))
-        return None
-
-
-# What a credential field is called in an error line about a kubeconfig.
-_FIELD_NAMES = {"ca": "CA", "cert": "client certificate/key", "token": "token"}
-_FIELD_FLAGS = {"ca": "ca_file", "cert": "cert_file", "token": "token_file"}
-
-
-def _credentials(
-    explicit: Credentials,
-    kubeconfig: KubeconfigCredentials | None,
-    out: Mapping[str, object],
-    *,
-    kubeconfig_text: str | None,
-    readable: Callable[[str], str | None],
-    check: Callable[[Credentials], Mapping[str, str]] | None,
-    bad: Callable[[str, str], None],
-    warnings: list[str],
-) -> Credentials:
-    """One resolved set of credential files (see ``kap.sources`` for the precedence).
-
-    A file from the flags or the kubeconfig that does not load is a start-up
-    error. The default files are used only when readable: a ServiceAccount
-    file that is not there is skipped silently, a static-pod CA with a
-    warning. The static-pod client certificate is kept even when it is not
-    there yet: ``CredentialFiles`` logs it once and uses it when it appears.
-    """
-    layers = [explicit]
-    if kubeconfig is not None:
-        layers.append(kubeconfig.credentials)
-    if out["as_static_pod"]:
-        static = static_pod_files(str(out["static_pod_dir"]))
-        ca = static.ca_file
-        if ca is not None and (why := readable(ca)) is not None:
-            warnings.append(f"static-pod mode: {ca} is not readable ({why}); going without it")
-            static = attrs.evolve(static, ca_file=None)
-        layers.append(static)
-    account = serviceaccount_files(SERVICEACCOUNT_DIR)
-    unreadable: dict[str, Any] = {
-        n: None for n in ("ca_file", "token_file") if readable(getattr(account, n)) is not None
-    }
-    layers.append(attrs.evolve(account, **unreadable))
-    creds, sources = resolve(layers)
-    if check is None:
-        return creds
-    problems = check(creds)
-    drop: dict[str, Any] = {}
-    for field, source in sources.items():
-        why = problems.get(_FIELD_FLAGS[field])
-        if why is None:
-            continue
-        attributes = ("cert_file", "key_file") if field == "cert" else (_FIELD_FLAGS[field],)
-        paths = " ".join(repr(getattr(creds, a)) for a in attributes)
-        if source == FLAGS:
-            bad(_FIELD_FLAGS[field], f"{paths}: {why}")
-        elif source == KUBECONFIG:
-            bad("kubeconfig", f"{kubeconfig_text!r}: its {_FIELD_NAMES[field]} {paths}: {why}")
-        elif source == STATIC_POD and field == "cert":
-            pass  # CredentialFiles says it once, and picks the files up when they are good
-        else:
-            who = "static-pod mode" if source == STATIC_POD else "ServiceAccount"
-            warnings.append(f"{who}: {paths} cannot be used ({why}); going without it")
-            drop.update(dict.fromkeys(attributes))
-    if drop:
-        creds, _ = resolve([attrs.evolve(layer, **drop) for layer in layers])
-    return creds
 
 
 def _default_service(environ: Mapping[str, str], warnings: list[str]) -> Address | None:

@@ -13,13 +13,21 @@ The fields are the CA file, the client certificate with its key (a pair: both
 come from one source), and the token file. ``Credentials.origin`` names the
 source of each (``kubeconfig`` when one source gave everything, else
 ``ca=flags,token=serviceaccount``), for the start-up log and /upstreams.
+
+What the disk says (is a file readable, does it load, what is in a
+kubeconfig) comes in as functions, from ``kap.cli`` through ``kap.config``;
+only the kubeconfig reader has a default, ``kap.kubeconfig.load_paths``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from kap.kubeconfig import KubeconfigCredentials
 
 # Where kubelet mounts a Pod's ServiceAccount credentials.
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -93,3 +101,91 @@ def describe(sources: dict[str, str]) -> str:
     if len(names) == 1:
         return names.pop()
     return ",".join(f"{field}={source}" for field, source in sources.items())
+
+
+def load_kubeconfig_option(
+    text: str | None,
+    absolute: Callable[[str], str],
+    load: Callable[[list[str]], KubeconfigCredentials] | None,
+    bad: Callable[[str, str], None],
+) -> KubeconfigCredentials | None:
+    """The kubeconfig(s) named by ``--kubeconfig``/``KUBECONFIG`` (a:b, first wins)."""
+    if text is None or not text.strip():
+        return None
+    from kap.kubeconfig import KubeconfigError, load_paths, split_paths
+
+    paths = [absolute(p) for p in split_paths(text)]
+    try:
+        return (load or load_paths)(paths)
+    except KubeconfigError as e:
+        bad("kubeconfig", str(e))
+        return None
+
+
+# What a credential field is called in an error line about a kubeconfig.
+_FIELD_NAMES = {"ca": "CA", "cert": "client certificate/key", "token": "token"}
+_FIELD_FLAGS = {"ca": "ca_file", "cert": "cert_file", "token": "token_file"}
+
+
+def resolve_files(
+    explicit: Credentials,
+    kubeconfig: KubeconfigCredentials | None,
+    *,
+    as_static_pod: bool,
+    static_pod_dir: str,
+    kubeconfig_text: str | None,
+    readable: Callable[[str], str | None],
+    check: Callable[[Credentials], Mapping[str, str]] | None,
+    bad: Callable[[str, str], None],
+    warnings: list[str],
+) -> Credentials:
+    """One resolved set of credential files, in the precedence above.
+
+    Problems with a file go to ``bad(option name, why)`` (a start-up error)
+    or to ``warnings``.
+
+    A file from the flags or the kubeconfig that does not load is a start-up
+    error. The default files are used only when readable: a ServiceAccount
+    file that is not there is skipped silently, a static-pod CA with a
+    warning. The static-pod client certificate is kept even when it is not
+    there yet: ``CredentialFiles`` logs it once and uses it when it appears.
+    """
+    layers = [explicit]
+    if kubeconfig is not None:
+        layers.append(kubeconfig.credentials)
+    if as_static_pod:
+        static = static_pod_files(static_pod_dir)
+        ca = static.ca_file
+        if ca is not None and (why := readable(ca)) is not None:
+            warnings.append(f"static-pod mode: {ca} is not readable ({why}); going without it")
+            static = attrs.evolve(static, ca_file=None)
+        layers.append(static)
+    account = serviceaccount_files(SERVICEACCOUNT_DIR)
+    unreadable: dict[str, Any] = {
+        n: None for n in ("ca_file", "token_file") if readable(getattr(account, n)) is not None
+    }
+    layers.append(attrs.evolve(account, **unreadable))
+    creds, sources = resolve(layers)
+    if check is None:
+        return creds
+    problems = check(creds)
+    drop: dict[str, Any] = {}
+    for field, source in sources.items():
+        why = problems.get(_FIELD_FLAGS[field])
+        if why is None:
+            continue
+        attributes = ("cert_file", "key_file") if field == "cert" else (_FIELD_FLAGS[field],)
+        paths = " ".join(repr(getattr(creds, a)) for a in attributes)
+        if source == FLAGS:
+            bad(_FIELD_FLAGS[field], f"{paths}: {why}")
+        elif source == KUBECONFIG:
+            bad("kubeconfig", f"{kubeconfig_text!r}: its {_FIELD_NAMES[field]} {paths}: {why}")
+        elif source == STATIC_POD and field == "cert":
+            pass  # CredentialFiles says it once, and picks the files up when they are good
+        else:
+            who = "static-pod mode" if source == STATIC_POD else "ServiceAccount"
+            warnings.append(f"{who}: {paths} cannot be used ({why}); going without it")
+            drop.update(dict.fromkeys(attributes))
+    if drop:
+        creds, _ = resolve([attrs.evolve(layer, **drop) for layer in layers])
+    return creds
