@@ -21,13 +21,12 @@ import attrs
 
 from kap.address import Address, AddressError, parse_list, parse_port
 from kap.durations import DurationError, parse_duration
-from kap.sources import (
-    FLAGS,
-    STATIC_POD_DIR,
-    Credentials,
-    load_kubeconfig_option,
-    resolve_files,
-)
+from kap.sources import FLAGS, load_kubeconfig_option, resolve_files
+
+# Re-exported: where the credential files are, and what they are, were defined here.
+from kap.sources import SERVICEACCOUNT_DIR as SERVICEACCOUNT_DIR
+from kap.sources import STATIC_POD_DIR as STATIC_POD_DIR
+from kap.sources import Credentials as Credentials
 
 if TYPE_CHECKING:
     from kap.kubeconfig import KubeconfigCredentials
