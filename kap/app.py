@@ -33,7 +33,7 @@ from loguru import logger
 from kap import __version__, fallback
 from kap.address import Address
 from kap.config import Config
-from kap.credentials import CredentialFiles
+from kap.credentials import NO_CA, CredentialFiles
 from kap.discovery import EndpointSliceWatcher
 from kap.health import HealthServer
 from kap.memory import TrimPolicy, release_free_memory
@@ -207,7 +207,7 @@ class App:
             logger.warning(line)
         if not self.credentials.verifies:
             logger.warning(
-                f"{self.credentials.unverified_reason}: probes go unauthenticated "
+                f"{NO_CA}: probes go unauthenticated "
                 "(give --ca-file, --kubeconfig, or run in a pod with a ServiceAccount)"
             )
         async with trio.open_nursery() as root:

@@ -171,11 +171,11 @@ class CredentialFiles:
     @property
     def unverified_reason(self) -> str | None:
         """Why kap presents no credentials (None when it presents them)."""
-        if not self.verifies:
-            return NO_CA
         f = self.files
         if f.token_file is None and (f.cert_file is None or f.key_file is None):
             return NO_CREDENTIALS
+        if not self.verifies:
+            return NO_CA
         return None
 
     @property

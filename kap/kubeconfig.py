@@ -218,7 +218,8 @@ def _parse(doc: dict[str, Any], path: str) -> KubeconfigCredentials:
         single = kc.get(context)
     except (ConfigError, KeyError, TypeError, ValueError, msgspec.MsgspecError) as e:
         why = f"missing {e}" if isinstance(e, KeyError) else str(e)
-        raise KubeconfigError(f"not a usable kubeconfig: {' '.join(why.split())[:200]}") from None
+        why = " ".join(why.split())[:200]
+        raise KubeconfigError(f"{path}: not a usable kubeconfig: {why}") from None
     assert single is not None
     cluster, user = single.cluster, single.user
     raw_cluster = _named(doc, "clusters", single.context.cluster, "cluster")
@@ -232,7 +233,7 @@ def _parse(doc: dict[str, Any], path: str) -> KubeconfigCredentials:
     ca_file: str | None = None
     if cluster.certificate_auth_data:
         ca_data = _b64(cluster.certificate_auth_data, "certificate-authority-data")
-        files.append(_inline(ca_data, "ca"))
+        files.append(_inline(ca_data, "certificate-authority-data"))
         ca_file = files[-1].name
     elif cluster.certificate_auth:
         ca_file = path_of(cluster.certificate_auth)
@@ -242,12 +243,17 @@ def _parse(doc: dict[str, Any], path: str) -> KubeconfigCredentials:
     cert_file = key_file = token_file = None
     if user is not None:
         if user.client_cert_data:
-            files.append(_inline(_b64(user.client_cert_data, "client-certificate-data"), "cert"))
+            files.append(
+                _inline(
+                    _b64(user.client_cert_data, "client-certificate-data"),
+                    "client-certificate-data",
+                )
+            )
             cert_file = files[-1].name
         elif user.client_cert:
             cert_file = path_of(user.client_cert)
         if user.client_key_data:
-            files.append(_inline(_b64(user.client_key_data, "client-key-data"), "key"))
+            files.append(_inline(_b64(user.client_key_data, "client-key-data"), "client-key-data"))
             key_file = files[-1].name
         elif user.client_key:
             key_file = path_of(user.client_key)
