@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import shutil
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from fakeapi import FakeApiServer, PkiFiles, create_pki
 from kaptest import FAST, StartFake, make_config, start_kap, upstream, wait_until
+from loguru import logger
 
 from kap.cli import readable
 from kap.config import Credentials, parse_config
@@ -202,8 +204,17 @@ async def test_a_rotation_to_garbage_keeps_the_old_credentials(
     assert upstream(app, a).usable
 
 
+@pytest.fixture
+def errors() -> Iterator[list[str]]:
+    """The messages of every error logged during the test."""
+    records: list[str] = []
+    sink = logger.add(lambda m: records.append(m.record["message"]), level="ERROR")
+    yield records
+    logger.remove(sink)
+
+
 async def test_static_pod_client_certificate_is_used_once_it_appears(
-    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, tmp_path: Path
+    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, tmp_path: Path, errors: list[str]
 ) -> None:
     d = copy_pki(pki, tmp_path / "kap", "ca.crt")  # cl.crt and cl.key not there yet
     a = await start_fake("a", require_client_cert=True)
@@ -219,6 +230,9 @@ async def test_static_pod_client_certificate_is_used_once_it_appears(
     # Anonymous is refused (403), but alive.
     await wait_until(lambda: upstream(app, a).usable and a.probe_count() >= 2)
     assert a.client_cert_requests == 0
+    assert errors == [
+        "cannot load the client certificate; kap goes without it until it loads"
+    ]  # one line
     copy_pki(pki, d, "cl.key", "cl.crt")
     await wait_until(lambda: any(r.user == "system:kap" for r in a.requests))
     assert upstream(app, a).usable
