@@ -179,6 +179,31 @@ async def test_an_apiserver_from_another_ca_gets_no_credentials(
     assert counts["handshakes"] == 0 and counts["requests"] == 0 and counts["with_token"] == 0
 
 
+async def test_a_ca_file_that_never_loads_sends_nothing(
+    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, tmp_path: Path
+) -> None:
+    # At start the CLI refuses a garbage --ca-file (exit 2, see test_cli); a
+    # file that is garbage by its first use (replaced between the check and the
+    # first probe) must not fall back to a context that verifies nothing.
+    a = await start_fake("a", require_token=pki.token)
+    garbage = tmp_path / "ca.crt"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n")
+    config = make_config(
+        None,
+        fallback_upstreams=f"127.0.0.1:{a.address[1]}",
+        ca_file=str(garbage),
+        token_file=str(pki.token_file),
+        cert_file=str(pki.client_cert_file),
+        key_file=str(pki.client_key_file),
+    )
+    app, _ = await start_kap(nursery, config)
+    await wait_until(lambda: a.connections_total >= 3 and a.connection_errors >= 3)
+    assert not upstream(app, a).usable
+    counts = seen(a)
+    print("garbage CA file:", counts)
+    assert counts["handshakes"] == 0 and counts["requests"] == 0 and counts["with_token"] == 0
+
+
 async def test_a_rotation_to_garbage_keeps_the_old_credentials(
     nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, tmp_path: Path
 ) -> None:
