@@ -53,6 +53,8 @@ class Address:
         raw = text.strip()
         if not raw:
             raise AddressError("empty address")
+        if "://" in raw:
+            raise AddressError(f"{text!r}: expected host:port, without a scheme")
         if raw.startswith("["):
             end = raw.find("]")
             if end < 0 or not raw[end + 1 :].startswith(":"):

@@ -35,7 +35,7 @@ from kap import fallback
 from kap.address import Address
 from kap.build import build_info
 from kap.config import Config
-from kap.credentials import CredentialFiles
+from kap.credentials import NO_CA, CredentialFiles
 from kap.discovery import EndpointSliceWatcher
 from kap.health import HealthServer
 from kap.memory import TrimPolicy, release_free_memory
@@ -191,8 +191,8 @@ class App:
     def load_static_sources(self) -> None:
         c = self.config
         self.set_source(SOURCE_FLAG, list(c.fallback_upstreams))
-        if self.discovery is not None and self.discovery.seed is not None:
-            self.set_source(SOURCE_KUBECONFIG, [self.discovery.seed])
+        if c.kubeconfig_seed is not None:
+            self.set_source(SOURCE_KUBECONFIG, [c.kubeconfig_seed])
         if c.fallback_file is not None:
             problem: str | None = None
             try:
@@ -219,8 +219,8 @@ class App:
             logger.warning(line)
         if not self.credentials.verifies:
             logger.warning(
-                "no CA file: probes cannot verify the apiserver certificates "
-                "(give --ca-file, or run in a pod with a ServiceAccount)"
+                f"{NO_CA}: probes go unauthenticated "
+                "(give --ca-file, --kubeconfig, or run in a pod with a ServiceAccount)"
             )
         async with trio.open_nursery() as root:
             root.start_soon(self._signals)
@@ -254,6 +254,7 @@ class App:
                 upstreams=[str(a) for a in self.pool.addresses()],
                 default_service=None if c.default_service is None else str(c.default_service),
                 credentials=c.credentials.origin,
+                kubeconfig_context=c.kubeconfig_context,
                 tls_server_name=c.tls_server_name,
                 health_interval=c.health_interval,
                 health_timeout=c.health_timeout,

@@ -2,7 +2,10 @@
 
 Every flag is a plain string here; ``kap.config.parse_config`` checks them all
 at once, so one run reports every bad value (one line each, naming the flag
-and its env var) and exits with status 2 before binding anything.
+and its env var) and exits with status 2 before binding anything. The facts
+it needs from the disk come from here: whether a file is readable, whether
+the credential files load (``kap.credentials.check_files``), the working
+directory relative paths are taken against.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import trio
 from kap import logs
 from kap.build import build_info
 from kap.config import OPTIONS, ConfigError, Option, parse_config
+from kap.credentials import check_files
 from kap.status import command as status_command
 
 
@@ -56,7 +60,14 @@ def run(no_discovery: bool, **values: str | None) -> None:
     if no_discovery:
         values["discovery"] = "false"
     try:
-        config = parse_config(values, environ=os.environ, readable=readable)
+        config = parse_config(
+            values,
+            environ=os.environ,
+            readable=readable,
+            check=check_files,
+            is_dir=os.path.isdir,
+            cwd=os.getcwd(),
+        )
     except ConfigError as e:
         for line in e.problems:
             click.echo(f"kap: {line}", err=True)

@@ -1,7 +1,8 @@
 """kap's configuration: the option table, and parsing it into a frozen Config.
 
-Pure logic: the only outside facts it needs (is a file readable? what is in
-the environment?) come in as arguments, so every row of the table is tested
+Pure logic: the only outside facts it needs (is a file readable? does a
+credential file load? what is in the environment, the working directory, a
+kubeconfig?) come in as arguments, so every row of the table is tested
 without touching the disk. The CLI (``kap.cli``) builds its flags from
 ``OPTIONS`` and hands the raw strings here; every problem found becomes one
 line naming the flag and its environment variable, and kap exits with status
@@ -11,17 +12,24 @@ line naming the flag and its environment variable, and kap exits with status
 from __future__ import annotations
 
 import ipaddress
+import os
+import posixpath
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from kap.address import Address, AddressError, parse_list, parse_port
 from kap.durations import DurationError, parse_duration
+from kap.sources import FLAGS, load_kubeconfig_option, resolve_files
 
-# Where kubelet mounts a Pod's ServiceAccount credentials.
-SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-# Where the seed's static pod manifest mounts kap's CA and client certificate.
-STATIC_POD_DIR = "/var/run/kubernetes.io/kap"
+# Re-exported: where the credential files are, and what they are, were defined here.
+from kap.sources import SERVICEACCOUNT_DIR as SERVICEACCOUNT_DIR
+from kap.sources import STATIC_POD_DIR as STATIC_POD_DIR
+from kap.sources import Credentials as Credentials
+
+if TYPE_CHECKING:
+    from kap.kubeconfig import KubeconfigCredentials
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -94,7 +102,8 @@ OPTIONS: tuple[Option, ...] = (
         ("--health-timeout",),
         "HEALTH_TIMEOUT",
         "100ms",
-        "Deadline for one /readyz probe.",
+        "Deadline for one /readyz request on the kept-alive probe connection (opening it "
+        "has its own budget: a fifth of --health-interval or two timeouts, at most one interval).",
     ),
     Option(
         "health_jitter",
@@ -122,8 +131,8 @@ OPTIONS: tuple[Option, ...] = (
         ("--ca-file",),
         "CA_FILE",
         None,
-        "CA bundle the apiserver certificate is verified against "
-        "(default: the ServiceAccount CA when present).",
+        "CA bundle the apiserver certificate is verified against; without one kap "
+        "presents no credentials (default: kubeconfig, static-pod, ServiceAccount CA).",
     ),
     Option(
         "cert_file",
@@ -174,7 +183,8 @@ OPTIONS: tuple[Option, ...] = (
         ("--kubeconfig",),
         "KUBECONFIG",
         None,
-        "Kubeconfig for discovery credentials (its server is one more seed).",
+        "Kubeconfig with credentials for probes and discovery, below the explicit flags "
+        "(its server is one more starting upstream; KUBECONFIG may list files, a:b, first wins).",
     ),
     Option(
         "as_static_pod",
@@ -215,20 +225,6 @@ _FALSE = {"0", "f", "false", "n", "no", "off"}
 
 
 @attrs.frozen
-class Credentials:
-    """Files that authenticate kap to the apiservers (probes and discovery).
-
-    ``origin`` says where they came from, for the start-up log line.
-    """
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    token_file: str | None = None
-    origin: str = "none"
-
-
-@attrs.frozen
 class Config:
     listen_addr: str = "0.0.0.0"
     listen_port: int = 7443
@@ -243,12 +239,17 @@ class Config:
     health_jitter: float = 0.2
     fallback_upstreams: tuple[Address, ...] = ()
     fallback_file: str | None = None
-    credentials: Credentials = Credentials()
+    credentials: Credentials = attrs.field(factory=Credentials)
     tls_server_name: str = "kubernetes.default.svc"
     shutdown_grace: float = 10.0
     discover_period: float = 5.0
     removal_grace: float = 30.0
     kubeconfig: str | None = None
+    # The kubeconfig's server (one more starting upstream) and context; ``kubeconfig_files``
+    # keeps its inline data's temporary files open as long as kap runs.
+    kubeconfig_seed: Address | None = None
+    kubeconfig_context: str | None = None
+    kubeconfig_files: tuple[Any, ...] = attrs.field(default=(), eq=False, repr=False)
     as_static_pod: bool = False
     static_pod_dir: str = STATIC_POD_DIR
     discovery: bool = True
@@ -311,6 +312,10 @@ def parse_config(
     *,
     environ: Mapping[str, str],
     readable: Callable[[str], str | None],
+    check: Callable[[Credentials], Mapping[str, str]] | None = None,
+    is_dir: Callable[[str], bool] = lambda path: True,
+    load_kubeconfig: Callable[[list[str]], KubeconfigCredentials] | None = None,
+    cwd: str | None = None,
 ) -> Config:
     """Build a Config from the raw option strings (flag or env or default).
 
@@ -318,6 +323,12 @@ def parse_config(
       values: option name -> raw string (``None`` for an unset option).
       environ: the process environment (for KUBERNETES_SERVICE_HOST/PORT).
       readable: path -> ``None`` when the file can be read, else the reason.
+      check: the resolved credentials -> field -> why it does not load
+        (``kap.credentials.check_files``); None checks nothing.
+      is_dir: whether a directory exists (for the fallback file's).
+      load_kubeconfig: reads and merges kubeconfig files (default
+        ``kap.kubeconfig.load_paths``).
+      cwd: what relative paths are relative to (default: the working directory).
 
     Raises:
       ConfigError: with one line per invalid option.
@@ -402,89 +413,73 @@ def parse_config(
     except AddressError as e:
         bad("fallback_upstreams", str(e))
 
+    tls_server_name = values.get("tls_server_name")
     out["tls_server_name"] = (raw("tls_server_name") or "").strip()
     boolean("as_static_pod")
     boolean("discovery")
-    out["static_pod_dir"] = (raw("static_pod_dir") or STATIC_POD_DIR).rstrip("/") or "/"
+    here = os.getcwd() if cwd is None else cwd
+
+    def absolute(path: str) -> str:
+        """Relative to the working directory, as in any CLI (made absolute once, here)."""
+        return posixpath.normpath(posixpath.join(here, path.strip()))
+
+    out["static_pod_dir"] = absolute(raw("static_pod_dir") or STATIC_POD_DIR)
 
     # Files given explicitly must be readable now: a typo fails fast, not at
-    # the first probe. The fallback file is exempt (kap creates and repairs it).
-    for name in ("ca_file", "cert_file", "key_file", "token_file", "kubeconfig"):
+    # the first probe. The fallback file is exempt (kap creates and repairs it),
+    # but not its directory.
+    given: dict[str, str] = {}
+    for name in ("ca_file", "cert_file", "key_file", "token_file"):
         path = values.get(name)
         if path is not None and path.strip():
-            why = readable(path)
+            why = readable(absolute(path))
             if why is not None:
                 bad(name, f"{path!r}: {why}")
-            out[name] = path
+            given[name] = path
     fallback_file = values.get("fallback_file")
-    out["fallback_file"] = (
-        fallback_file.strip() if fallback_file and fallback_file.strip() else None
-    )
+    out["fallback_file"] = None
+    if fallback_file and fallback_file.strip():
+        out["fallback_file"] = absolute(fallback_file)
+        parent = posixpath.dirname(str(out["fallback_file"]))
+        if not is_dir(parent):
+            bad("fallback_file", f"{fallback_file!r}: directory {parent} does not exist")
 
-    if bool(values.get("cert_file")) != bool(values.get("key_file")):
-        missing = "key_file" if values.get("cert_file") else "cert_file"
+    if bool(given.get("cert_file")) != bool(given.get("key_file")):
+        missing = "key_file" if given.get("cert_file") else "cert_file"
         other = "--cert-file" if missing == "key_file" else "--key-file"
         bad(missing, f"required together with {other}")
 
+    kubeconfig = load_kubeconfig_option(values.get("kubeconfig"), absolute, load_kubeconfig, bad)
     if problems:
         raise ConfigError(problems)
 
-    out["credentials"] = _credentials(values, out, readable, warnings)
+    explicit = Credentials(origin=FLAGS, **{n: absolute(p) for n, p in given.items()})
+    out["credentials"] = resolve_files(
+        explicit,
+        kubeconfig,
+        as_static_pod=bool(out["as_static_pod"]),
+        static_pod_dir=str(out["static_pod_dir"]),
+        kubeconfig_text=values.get("kubeconfig"),
+        readable=readable,
+        check=check,
+        bad=bad,
+        warnings=warnings,
+    )
+    if problems:
+        raise ConfigError(problems)
+    if kubeconfig is not None:
+        warnings.extend(kubeconfig.warnings)
+        out["kubeconfig"] = values.get("kubeconfig")
+        out["kubeconfig_seed"] = kubeconfig.seed
+        out["kubeconfig_context"] = kubeconfig.context
+        out["kubeconfig_files"] = kubeconfig.files
+        if tls_server_name is None and kubeconfig.tls_server_name:
+            out["tls_server_name"] = kubeconfig.tls_server_name
     out["default_service"] = _default_service(environ, warnings)
-    out["kubeconfig"] = out.get("kubeconfig")
-    for name in ("ca_file", "cert_file", "key_file", "token_file"):
-        out.pop(name, None)
     if out["health_timeout"] >= out["health_interval"]:  # type: ignore[operator]
         warnings.append("--health-timeout is not shorter than --health-interval: probes overlap")
     out["warnings"] = tuple(warnings)
     return Config(**out)  # type: ignore[arg-type]
-
-
-def _credentials(
-    values: Mapping[str, str | None],
-    out: Mapping[str, object],
-    readable: Callable[[str], str | None],
-    warnings: list[str],
-) -> Credentials:
-    """Resolve credential files: explicit flags, else static-pod dir, else ServiceAccount."""
-    explicit = {
-        n: values.get(n) or None for n in ("ca_file", "cert_file", "key_file", "token_file")
-    }
-    if out["as_static_pod"]:
-        base = str(out["static_pod_dir"])
-        defaults = {
-            "ca_file": f"{base}/ca.crt",
-            "cert_file": f"{base}/cl.crt",
-            "key_file": f"{base}/cl.key",
-            "token_file": None,
-        }
-        origin = "static-pod"
-        for name, path in defaults.items():
-            if explicit[name] is None and path is not None and readable(path) is not None:
-                warnings.append(
-                    f"static-pod mode: {path} is not readable ({readable(path)}); "
-                    "probes and discovery go without it"
-                )
-                defaults[name] = None
-    else:
-        defaults = {
-            "ca_file": f"{SERVICEACCOUNT_DIR}/ca.crt",
-            "cert_file": None,
-            "key_file": None,
-            "token_file": f"{SERVICEACCOUNT_DIR}/token",
-        }
-        origin = "serviceaccount"
-        for name, path in list(defaults.items()):
-            if path is not None and readable(path) is not None:
-                defaults[name] = None
-    chosen = {n: explicit[n] or defaults[n] for n in explicit}
-    if any(explicit.values()):
-        origin = "flags" if not any(defaults.values()) else f"flags+{origin}"
-    if not any(chosen.values()):
-        origin = "none"
-    if chosen["cert_file"] is None or chosen["key_file"] is None:
-        chosen["cert_file"] = chosen["key_file"] = None
-    return Credentials(origin=origin, **chosen)
 
 
 def _default_service(environ: Mapping[str, str], warnings: list[str]) -> Address | None:

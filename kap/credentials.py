@@ -1,25 +1,47 @@
-"""Credential files on disk, followed as they rotate.
+"""Credential files on disk, followed as they rotate, and never presented unverified.
 
-kubelet rotates bound ServiceAccount tokens (about hourly) and operators rotate
-client certificates, so kap never caches a credential for its whole life: the
-token and the TLS context are rebuilt when any of their files changes (checked
-with one ``stat`` per file per use; a few microseconds). A file that turns
-unreadable or invalid keeps the last good version in use and is logged once
-per change, so a half-written rotation never takes the probes down.
+The rules this module keeps (tests/test_credentials.py holds it to them):
+
+* A bearer token or a client certificate is presented only on a connection
+  whose server certificate verifies against a CA (and the name kap expects,
+  ``--tls-server-name``, which the callers send as SNI with hostname checks
+  on). Without a CA file kap cannot tell an apiserver from anything that
+  answers on its address, so it presents nothing: the context carries no
+  client certificate and ``headers()`` is empty. Probes still work (a 401 or
+  403 means alive); discovery, which needs credentials, is off.
+* kubelet rotates bound ServiceAccount tokens (about hourly) and operators
+  rotate client certificates, so nothing is cached for kap's whole life: the
+  token and the TLS context are rebuilt when any of their files changes
+  (checked with one ``stat`` per file per use; a few microseconds).
+* A file that turns unreadable or invalid keeps the last good context and
+  token in use, logged once per change: a half-written rotation never takes
+  the probes down and never weakens what kap checks. When a file was never
+  good, kap goes without it: without the client certificate (the CA still
+  verifies; a static pod whose ``cl.crt`` is not there yet), or, for a CA
+  file, with a context that trusts nothing (every handshake fails) rather
+  than one that verifies nothing.
+
+``check_files`` is the same loading done once at start, for the CLI to turn
+a bad explicit file into an exit-2 line before anything runs.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import ssl
 
 import attrs
 from loguru import logger
 
-from kap.config import Credentials
+from kap.sources import Credentials
 
 # A token file larger than this is not a token (bound tokens are about 1 KiB).
 MAX_TOKEN_BYTES = 64 * 1024
+NO_CA = "no CA file: kap cannot verify the apiservers, so it presents no credentials"
+NO_CREDENTIALS = "no token or client certificate"
+
+_LOAD_ERRORS = (OSError, ssl.SSLError, ValueError)
 
 
 def _stamp(path: str | None) -> tuple[int, int, int] | None:
@@ -32,6 +54,102 @@ def _stamp(path: str | None) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _why(e: BaseException, what: str = "") -> str:
+    """One line: the OS's reason, or what the file is not and OpenSSL's reason."""
+    if isinstance(e, ssl.SSLError):
+        reason = re.sub(r"\s*\(_ssl\.c:\d+\)", "", " ".join(str(e).split()))
+        return f"not {what}: {reason}" if what else reason
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path``: one word of ASCII, at most MAX_TOKEN_BYTES.
+
+    Raises:
+      OSError: unreadable. ValueError: not a token.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_TOKEN_BYTES + 1)
+    if len(data) > MAX_TOKEN_BYTES:
+        raise ValueError(f"larger than {MAX_TOKEN_BYTES} bytes")
+    try:
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError("not ASCII text") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("empty or not a single token")
+    return token
+
+
+def _base_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def unverified_context() -> ssl.SSLContext:
+    """No CA: verify nothing, present nothing (probes only tell alive from dead)."""
+    ctx = _base_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def verifying_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verify the server's certificate and name; ``None`` trusts no CA at all.
+
+    Hostname checks are done against ``--tls-server-name`` (sent as SNI).
+    """
+    ctx = _base_context()
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if ca_file is not None:
+        ctx.load_verify_locations(cafile=ca_file)
+    return ctx
+
+
+def build_ssl_context(files: Credentials) -> ssl.SSLContext:
+    """The full context for ``files``: the CA, and the client certificate only with a CA.
+
+    Raises:
+      OSError, ssl.SSLError, ValueError: a file is unreadable or invalid.
+    """
+    if files.ca_file is None:
+        return unverified_context()
+    ctx = verifying_context(files.ca_file)
+    if files.cert_file is not None and files.key_file is not None:
+        ctx.load_cert_chain(files.cert_file, files.key_file)
+    return ctx
+
+
+def check_files(files: Credentials) -> dict[str, str]:
+    """Load every file of ``files`` once: field name -> why it cannot be used.
+
+    The field of a bad client certificate or key is ``cert_file`` (they are
+    loaded together). An empty result means all load.
+    """
+    problems: dict[str, str] = {}
+    if files.ca_file is not None:
+        try:
+            verifying_context(files.ca_file)
+        except _LOAD_ERRORS as e:
+            problems["ca_file"] = _why(e, "a PEM CA bundle")
+    if files.cert_file is not None and files.key_file is not None:
+        try:
+            _base_context().load_cert_chain(files.cert_file, files.key_file)
+        except _LOAD_ERRORS as e:
+            problems["cert_file"] = _why(e, "a PEM certificate and its key")
+    if files.token_file is not None:
+        try:
+            read_token(files.token_file)
+        except _LOAD_ERRORS as e:
+            problems["token_file"] = _why(e)
+    return problems
+
+
 @attrs.define
 class CredentialFiles:
     """The TLS context and bearer token built from ``Credentials``, kept current."""
@@ -39,13 +157,31 @@ class CredentialFiles:
     files: Credentials
     _context: ssl.SSLContext | None = attrs.field(default=None, alias="_context")
     _context_stamp: object = attrs.field(default=None, alias="_context_stamp")
+    # The context in use was built from every file (not a stand-in for a bad one).
+    _complete: bool = attrs.field(default=False, alias="_complete")
     _token: str | None = attrs.field(default=None, alias="_token")
     _token_stamp: object = attrs.field(default=None, alias="_token_stamp")
     generation: int = 0  # bumped whenever the TLS context is rebuilt
 
     @property
     def verifies(self) -> bool:
+        """The apiservers' certificates are verified (there is a CA file)."""
         return self.files.ca_file is not None
+
+    @property
+    def unverified_reason(self) -> str | None:
+        """Why kap presents no credentials (None when it presents them)."""
+        f = self.files
+        if f.token_file is None and (f.cert_file is None or f.key_file is None):
+            return NO_CREDENTIALS
+        if not self.verifies:
+            return NO_CA
+        return None
+
+    @property
+    def authenticated(self) -> bool:
+        """kap presents a token or a client certificate, to verified servers only."""
+        return self.unverified_reason is None
 
     def ssl_context(self) -> ssl.SSLContext:
         """The client TLS context; rebuilt when the CA or client cert files change."""
@@ -53,23 +189,42 @@ class CredentialFiles:
         stamp = (_stamp(f.ca_file), _stamp(f.cert_file), _stamp(f.key_file))
         if self._context is not None and stamp == self._context_stamp:
             return self._context
+        self._context_stamp = stamp
         try:
             ctx = build_ssl_context(f)
-        except (OSError, ssl.SSLError, ValueError) as e:
-            if self._context_stamp != stamp:
-                logger.bind(error=str(e)).error(
-                    "cannot load TLS credentials; keeping the previous ones"
-                )
-                self._context_stamp = stamp
-            if self._context is None:
-                self._context = build_ssl_context(Credentials(ca_file=None))
-                self.generation += 1
-            return self._context
+        except _LOAD_ERRORS as e:
+            self._not_loaded(e)
+            return self._context  # type: ignore[return-value]  # set by _not_loaded
         if self._context is not None:
-            logger.info("TLS credentials reloaded")
-        self._context, self._context_stamp = ctx, stamp
-        self.generation += 1
+            logger.bind(generation=self.generation + 1).info("TLS credentials reloaded")
+        self._use(ctx, complete=True)
         return ctx
+
+    def _use(self, ctx: ssl.SSLContext, *, complete: bool) -> None:
+        self._context, self._complete = ctx, complete
+        self.generation += 1
+
+    def _not_loaded(self, e: BaseException) -> None:
+        """A file failed: keep the last good context, else the strongest stand-in."""
+        log = logger.bind(error=_why(e), origin=self.files.origin)
+        if self._complete:
+            log.error("cannot load TLS credentials; keeping the previous ones")
+            return
+        # Never loaded in full: keep verifying what can be verified.
+        ca_loads = True
+        try:
+            ctx = verifying_context(self.files.ca_file)
+        except _LOAD_ERRORS:
+            ca_loads = False
+        if ca_loads:
+            log.error("cannot load the client certificate; kap goes without it until it loads")
+        elif self._context is not None:
+            log.error("cannot load the CA file; keeping the previous TLS context")
+            return
+        else:
+            ctx = verifying_context(None)
+            log.error("cannot load the CA file; no apiserver verifies until it can be loaded")
+        self._use(ctx, complete=False)
 
     def token(self) -> str | None:
         """The bearer token, re-read when the file changes; None when there is none."""
@@ -81,15 +236,9 @@ class CredentialFiles:
             return self._token
         self._token_stamp = stamp
         try:
-            with open(path, "rb") as fh:
-                data = fh.read(MAX_TOKEN_BYTES + 1)
-            if len(data) > MAX_TOKEN_BYTES:
-                raise ValueError(f"larger than {MAX_TOKEN_BYTES} bytes")
-            token = data.decode("ascii").strip()
-            if not token or any(c.isspace() for c in token):
-                raise ValueError("empty or not a single token")
-        except (OSError, ValueError) as e:
-            logger.bind(error=str(e), path=path).error(
+            token = read_token(path)
+        except _LOAD_ERRORS as e:
+            logger.bind(error=_why(e), path=path).error(
                 "cannot read token file; keeping the last one"
             )
             return self._token
@@ -97,27 +246,8 @@ class CredentialFiles:
         return token
 
     def headers(self) -> dict[str, str]:
+        """The Authorization header, only when the server is verified against a CA."""
+        if not self.verifies:
+            return {}
         token = self.token()
         return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def build_ssl_context(files: Credentials) -> ssl.SSLContext:
-    """A TLS client context: verify against the CA when there is one, present the client cert.
-
-    Without a CA file kap cannot verify the apiserver, so it does not try
-    (probes still tell a live apiserver from a dead one); the start-up log says
-    so. Hostname checks are done against ``--tls-server-name`` (sent as SNI).
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if files.ca_file is not None:
-        ctx.load_verify_locations(cafile=files.ca_file)
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    else:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if files.cert_file is not None and files.key_file is not None:
-        ctx.load_cert_chain(files.cert_file, files.key_file)
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx

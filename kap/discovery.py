@@ -80,8 +80,7 @@ from kap import slices
 from kap.address import Address
 from kap.config import Config
 from kap.credentials import CredentialFiles
-from kap.kubeconfig import KubeconfigCredentials, KubeconfigError
-from kap.kubeconfig import load as load_kubeconfig
+from kap.kubeconfig import KubeconfigCredentials
 from kap.pool import Pool
 from kap.probe import describe_error
 
@@ -244,41 +243,20 @@ class EndpointSliceWatcher:
         on_update: Callable[[list[Address]], None],
         rng: random.Random,
     ) -> EndpointSliceWatcher:
-        """The watcher for ``config``: kubeconfig credentials first, else ``credentials``.
+        """The watcher for ``config``, with the credentials the probes use too.
 
-        A kubeconfig that cannot be used is one clear error line; discovery
-        then goes on with the other credential modes.
+        Which files they are (flags, kubeconfig, static-pod, ServiceAccount)
+        and the kubeconfig's seed and tls-server-name are resolved at start,
+        in ``kap.config``.
         """
-        server_name = config.tls_server_name
-        seed = None
-        keep: KubeconfigCredentials | None = None
-        if config.kubeconfig is not None:
-            log = logger.bind(path=config.kubeconfig)
-            try:
-                kc = load_kubeconfig(config.kubeconfig)
-            except KubeconfigError as e:
-                log.bind(error=str(e), credentials=credentials.files.origin).error(
-                    "cannot use the kubeconfig for discovery; using the other credentials"
-                )
-            else:
-                for line in kc.warnings:
-                    log.warning(line)
-                credentials = CredentialFiles(kc.credentials)
-                keep = kc
-                server_name = kc.tls_server_name or server_name
-                seed = kc.seed
-                log.bind(context=kc.context, seed=None if seed is None else str(seed)).info(
-                    "discovery uses the kubeconfig's credentials"
-                )
         return cls(
             pool=pool,
             credentials=credentials,
-            server_name=server_name,
+            server_name=config.tls_server_name,
             period=config.discover_period,
             on_update=on_update,
             rng=rng,
-            seed=seed,
-            kubeconfig=keep,
+            seed=config.kubeconfig_seed,
         )
 
     # ---- reporting -----------------------------------------------------------
@@ -301,8 +279,8 @@ class EndpointSliceWatcher:
 
     @property
     def has_credentials(self) -> bool:
-        f = self.credentials.files
-        return f.token_file is not None or (f.cert_file is not None and f.key_file is not None)
+        """kap presents credentials (only ever to apiservers verified against a CA)."""
+        return self.credentials.authenticated
 
     # ---- the loop ----------------------------------------------------------
 
@@ -314,7 +292,8 @@ class EndpointSliceWatcher:
         discovery would have nothing to authenticate with either.
         """
         out = []
-        if not self.has_credentials:
+        f = self.credentials.files
+        if f.token_file is None and (f.cert_file is None or f.key_file is None):
             out.append(
                 (
                     "no credentials",

@@ -1,9 +1,15 @@
-"""A kubeconfig file -> discovery's credentials and one more seed address.
+"""A kubeconfig -> kap's credentials, tls-server-name and one more seed address.
 
-``--kubeconfig`` (env KUBECONFIG) is the first credential mode of discovery.
-The file is parsed with lightkube's ``KubeConfig`` (the contexts, clusters
-and users models, and paths relative to the file), with what lightkube does
-not give added here:
+``--kubeconfig`` (env KUBECONFIG) gives kap's probes and discovery their
+credentials, field by field below the explicit flags (see
+``kap.config.resolve_credentials``); it is read once at start. As kubectl
+does, ``KUBECONFIG`` may list several files separated by ``:``: they are
+merged with the first file winning (the first ``current-context``, the first
+cluster, user or context of each name); listed files that do not exist are
+skipped, as long as one does. Each file's relative paths are taken against
+that file's own directory. The merged document is parsed with lightkube's
+``KubeConfig`` (the contexts, clusters and users models), with what lightkube
+does not give added here:
 
 * ``tls-server-name``: lightkube's cluster model drops it, so it is read from
   the YAML itself; discovery then sends it as SNI and verifies the
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any
@@ -36,7 +43,7 @@ import yaml  # type: ignore[import-untyped]
 from lightkube import ConfigError, KubeConfig
 
 from kap.address import Address, AddressError
-from kap.config import Credentials
+from kap.sources import Credentials
 
 # A kubeconfig is a few KiB (a few more with inline certificates).
 MAX_FILE_BYTES = 1024 * 1024
@@ -101,6 +108,97 @@ def _named(doc: dict[str, Any], section: str, name: str | None, key: str) -> dic
     return {}
 
 
+# The fields of a kubeconfig that hold file paths (relative = to the file's directory).
+_PATH_FIELDS = {
+    "clusters": ("cluster", ("certificate-authority",)),
+    "users": ("user", ("client-certificate", "client-key", "tokenFile")),
+}
+_NAMED_LISTS = ("clusters", "users", "contexts")
+
+
+def _read_doc(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise KubeconfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise KubeconfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        doc = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        raise KubeconfigError(f"{path}: not YAML: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(doc, dict):
+        raise KubeconfigError(f"{path}: not a kubeconfig (expected a mapping)")
+    _absolute_paths(doc, Path(os.path.abspath(path)).parent)
+    return doc
+
+
+def _absolute_paths(doc: dict[str, Any], base: Path) -> None:
+    """Make the file's relative paths absolute against ``base``, in place (as kubectl)."""
+    for section, (inner, keys) in _PATH_FIELDS.items():
+        entries = doc.get(section)
+        for entry in entries if isinstance(entries, list) else ():
+            fields = entry.get(inner) if isinstance(entry, dict) else None
+            if not isinstance(fields, dict):
+                continue
+            for key in keys:
+                value = fields.get(key)
+                if isinstance(value, str) and value and not Path(value).is_absolute():
+                    fields[key] = str(base / value)
+
+
+def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """kubectl's merge of several kubeconfigs: the first file to set a key wins.
+
+    Named lists (clusters, users, contexts) are merged by name, the first
+    entry of a name winning; every other key is taken from the first file
+    that has it.
+    """
+    merged: dict[str, Any] = {}
+    for doc in docs:
+        for key, value in doc.items():
+            if key in _NAMED_LISTS:
+                have = merged.setdefault(key, [])
+                if not isinstance(have, list) or not isinstance(value, list):
+                    continue
+                names = {e.get("name") for e in have if isinstance(e, dict)}
+                for entry in value:
+                    if isinstance(entry, dict) and entry.get("name") not in names:
+                        have.append(entry)
+                        names.add(entry.get("name"))
+            elif key not in merged or merged[key] in (None, ""):
+                merged[key] = value
+    return merged
+
+
+def split_paths(text: str) -> list[str]:
+    """The files of a ``KUBECONFIG``-style list (``:``-separated; empty items skipped)."""
+    return [p for p in text.split(":") if p.strip()]
+
+
+def load_paths(paths: list[str]) -> KubeconfigCredentials:
+    """Merge and parse the kubeconfigs at ``paths`` (absolute, in precedence order).
+
+    One path must exist; of several, missing ones are skipped (as kubectl).
+
+    Raises:
+      KubeconfigError: as ``load``.
+    """
+    if not paths:
+        raise KubeconfigError("no file given")
+    docs: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for path in paths:
+        if len(paths) > 1 and not os.path.exists(path):
+            missing.append(path)
+            continue
+        docs.append(_read_doc(path))
+    if not docs:
+        raise KubeconfigError(f"none of the files exists: {', '.join(missing)}")
+    return _parse(merge(docs), paths[0])
+
+
 def load(path: str) -> KubeconfigCredentials:
     """Parse the kubeconfig at ``path`` (its current context, else its only one).
 
@@ -108,19 +206,10 @@ def load(path: str) -> KubeconfigCredentials:
       KubeconfigError: unreadable, not YAML, not a kubeconfig, no usable
         context, or no credentials kap can use.
     """
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise KubeconfigError(f"cannot read: {e.strerror or e}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise KubeconfigError(f"larger than {MAX_FILE_BYTES} bytes")
-    try:
-        doc = yaml.safe_load(data)
-    except yaml.YAMLError as e:
-        raise KubeconfigError(f"not YAML: {' '.join(str(e).split())[:200]}") from None
-    if not isinstance(doc, dict):
-        raise KubeconfigError("not a kubeconfig (expected a mapping)")
+    return _parse(_read_doc(path), path)
+
+
+def _parse(doc: dict[str, Any], path: str) -> KubeconfigCredentials:
     try:
         kc = KubeConfig.from_dict(doc, fname=Path(path).resolve())
         context = kc.current_context
@@ -129,7 +218,8 @@ def load(path: str) -> KubeconfigCredentials:
         single = kc.get(context)
     except (ConfigError, KeyError, TypeError, ValueError, msgspec.MsgspecError) as e:
         why = f"missing {e}" if isinstance(e, KeyError) else str(e)
-        raise KubeconfigError(f"not a usable kubeconfig: {' '.join(why.split())[:200]}") from None
+        why = " ".join(why.split())[:200]
+        raise KubeconfigError(f"{path}: not a usable kubeconfig: {why}") from None
     assert single is not None
     cluster, user = single.cluster, single.user
     raw_cluster = _named(doc, "clusters", single.context.cluster, "cluster")
@@ -143,7 +233,7 @@ def load(path: str) -> KubeconfigCredentials:
     ca_file: str | None = None
     if cluster.certificate_auth_data:
         ca_data = _b64(cluster.certificate_auth_data, "certificate-authority-data")
-        files.append(_inline(ca_data, "ca"))
+        files.append(_inline(ca_data, "certificate-authority-data"))
         ca_file = files[-1].name
     elif cluster.certificate_auth:
         ca_file = path_of(cluster.certificate_auth)
@@ -153,12 +243,17 @@ def load(path: str) -> KubeconfigCredentials:
     cert_file = key_file = token_file = None
     if user is not None:
         if user.client_cert_data:
-            files.append(_inline(_b64(user.client_cert_data, "client-certificate-data"), "cert"))
+            files.append(
+                _inline(
+                    _b64(user.client_cert_data, "client-certificate-data"),
+                    "client-certificate-data",
+                )
+            )
             cert_file = files[-1].name
         elif user.client_cert:
             cert_file = path_of(user.client_cert)
         if user.client_key_data:
-            files.append(_inline(_b64(user.client_key_data, "client-key-data"), "key"))
+            files.append(_inline(_b64(user.client_key_data, "client-key-data"), "client-key-data"))
             key_file = files[-1].name
         elif user.client_key:
             key_file = path_of(user.client_key)

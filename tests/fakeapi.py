@@ -559,7 +559,10 @@ class FakeApiServer:
 
     Observations: ``probe_times`` (path -> arrival times, trio clock),
     ``probe_count()``, ``requests``, ``connections_total``,
-    ``active_connections``, ``raw_connections``, ``connection_errors``.
+    ``active_connections``, ``raw_connections``, ``connection_errors``;
+    what kap presented: ``tls_handshakes`` (completed), ``bearer_requests``
+    (requests with an Authorization header, right or wrong) and
+    ``client_cert_requests`` (requests on a connection with a client certificate).
     """
 
     name: str
@@ -578,6 +581,9 @@ class FakeApiServer:
     active_connections: int = attrs.field(init=False, default=0)
     raw_connections: int = attrs.field(init=False, default=0)
     connection_errors: int = attrs.field(init=False, default=0)
+    tls_handshakes: int = attrs.field(init=False, default=0)
+    bearer_requests: int = attrs.field(init=False, default=0)
+    client_cert_requests: int = attrs.field(init=False, default=0)
     _ssl_context: ssl.SSLContext | None = attrs.field(init=False, default=None)
     _cancel_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _connection_scopes: set[trio.CancelScope] = attrs.field(init=False, factory=set)
@@ -667,6 +673,7 @@ class FakeApiServer:
         tls = trio.SSLStream(stream, self._ssl_context, server_side=True, https_compatible=True)
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()
+        self.tls_handshakes += 1
         try:
             await self._serve_http(tls)
         finally:
@@ -749,6 +756,8 @@ class FakeApiServer:
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
         user = self._authenticate(cert_user, headers.get("authorization", ""))
+        self.bearer_requests += "authorization" in headers
+        self.client_cert_requests += cert_user is not None
         method = request.method.decode()
         self.requests.append(RequestRecord(trio.current_time(), method, target, user))
 

@@ -19,7 +19,7 @@ import trio
 from fakeapi import FakeApiServer, PkiFiles
 
 from kap.app import App, Bound
-from kap.config import Config, parse_config
+from kap.config import SERVICEACCOUNT_DIR, Config, parse_config
 
 FAST = {
     "listen_addr": "127.0.0.1",
@@ -42,7 +42,12 @@ def make_config(
     if pki is not None:
         raw["ca_file"] = str(pki.ca_file)
     raw.update(values)
-    return parse_config(raw, environ=environ or {}, readable=lambda p: None)
+
+    # No ServiceAccount here: its default files are not readable, every other path is.
+    def readable(path: str) -> str | None:
+        return "no such file" if path.startswith(SERVICEACCOUNT_DIR) else None
+
+    return parse_config(raw, environ=environ or {}, readable=readable)
 
 
 async def start_kap(nursery: trio.Nursery, config: Config, *, seed: int = 1) -> tuple[App, Bound]:
@@ -117,11 +122,12 @@ class KapProcess:
 
 @asynccontextmanager
 async def kap_process(
-    *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+    *args: str, env: dict[str, str] | None = None, nofile: int | None = None, cwd: Any = None
 ) -> AsyncIterator[KapProcess]:
     """Start ``python -m kap ARGS``; wait for "kap started"; kill it on exit if still running.
 
-    ``nofile`` sets the process's RLIMIT_NOFILE (soft and hard).
+    ``nofile`` sets the process's RLIMIT_NOFILE (soft and hard); ``cwd`` its
+    working directory.
     """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     full_env.update(env or {})
@@ -135,6 +141,7 @@ async def kap_process(
         stderr=subprocess.PIPE,
         env=full_env,
         preexec_fn=limit,
+        cwd=cwd,
     )
     kp = KapProcess(process)
     started = trio.Event()

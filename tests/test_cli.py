@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from fakeapi import PkiFiles
-from kaptest import StartFake, kap_args, kap_process, split_hostport
+from kaptest import KapProcess, StartFake, get_json, kap_args, kap_process, split_hostport
 
 from kap.config import OPTIONS
+from kap.credentials import NO_CA
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
 
@@ -155,3 +159,164 @@ def test_subcommands_are_listed_and_bare_flags_still_run_the_balancer() -> None:
     out = run_kap("--listen-port", "99999", "status", "--address", "127.0.0.1:1")
     assert out.returncode == 2 and "LISTEN_PORT" not in out.stderr
     assert out.stderr.startswith("kap status: nothing answers at 127.0.0.1:1")
+
+
+# ---- bad input: one line, exit 2, never a traceback -----------------------------
+
+
+def run_kap_in(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "kap", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**CLEAN_ENV, **(env or {})},
+        cwd=cwd,
+        check=False,
+    )
+
+
+def kubeconfig_doc(
+    server: str | None = None, ca: str | None = None, token_file: str | None = None
+) -> dict[str, Any]:
+    """A kubeconfig; each argument, when given, adds the entry it belongs to."""
+    doc: dict[str, Any] = {"apiVersion": "v1", "kind": "Config"}
+    if server is not None:
+        cluster: dict[str, str] = {"server": server}
+        if ca is not None:
+            cluster["certificate-authority"] = ca
+        doc["clusters"] = [{"name": "c", "cluster": cluster}]
+    if token_file is not None:
+        doc["users"] = [{"name": "u", "user": {"tokenFile": token_file}}]
+        doc["contexts"] = [{"name": "x", "context": {"cluster": "c", "user": "u"}}]
+        doc["current-context"] = "x"
+    return doc
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, pki: PkiFiles) -> Path:
+    """A working directory with ``pki/`` (good files) and a few bad ones."""
+    shutil.copytree(pki.dir, tmp_path / "pki")
+    (tmp_path / "garbage.crt").write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
+    (tmp_path / "two-words").write_text("a token\n")
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "bad.yaml").write_text("clusters: [ {name: c, cluster: {server: 'https://x'\n")
+    (tmp_path / "kc-bad-ca.yaml").write_text(
+        json.dumps(kubeconfig_doc("https://127.0.0.1:1", "garbage.crt", "pki/token"))
+    )
+    return tmp_path
+
+
+# args, env, the flag the line names (with its env var), and what else it says
+BAD_INPUT = [
+    (["--ca-file", "garbage.crt"], {}, "--ca-file", "garbage.crt"),
+    ([], {"CA_FILE": "./garbage.crt"}, "--ca-file", "garbage.crt"),
+    (["--ca-file", "pki/ca.crt", "--token-file", "a-dir"], {}, "--token-file", "a-dir"),
+    (["--token-file", "two-words"], {}, "--token-file", "not a single token"),
+    (["--token-file", "pki/missing"], {}, "--token-file", "pki/missing"),
+    (["--cert-file", "pki/cl.crt"], {}, "--key-file", "--cert-file"),
+    (["--cert-file", "pki/cl.crt", "--key-file", "pki/nokey"], {}, "--key-file", "nokey"),
+    (["--cert-file", "pki/cl.crt", "--key-file", "pki/ca.crt"], {}, "--cert-file", "its key"),
+    (["--kubeconfig", "bad.yaml"], {}, "--kubeconfig", "not YAML"),
+    ([], {"KUBECONFIG": "missing-a.yaml:missing-b.yaml"}, "--kubeconfig", "none of"),
+    ([], {"KUBECONFIG": "kc-bad-ca.yaml"}, "--kubeconfig", "garbage.crt"),
+    (["--fallback-file", "no/such/dir/f.json"], {}, "--fallback-file", "no/such"),
+    (
+        ["--fallback-upstreams", "https://10.0.0.1:6"],
+        {},
+        "--fallback-upstreams",
+        "without a scheme",
+    ),
+]
+ENV_OF = {opt.flags[0]: opt.env for opt in OPTIONS}
+
+
+@pytest.mark.parametrize(("args", "env", "flag", "says"), BAD_INPUT)
+def test_bad_input_is_one_line_exit_2_and_no_traceback(
+    workdir: Path, args: list[str], env: dict[str, str], flag: str, says: str
+) -> None:
+    out = run_kap_in(workdir, *args, "--health-listen", "127.0.0.1:0", env=env)
+    assert "Traceback" not in out.stderr
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"kap: invalid {flag} (env {ENV_OF[flag]}): ")
+    assert says in lines[0]
+
+
+async def wait_for_discovery(kap: KapProcess) -> None:
+    """Until discovery has tried once (the relative-path crash came at its first session)."""
+    with trio.fail_after(15):
+        while not kap.find("discovery failed; keeping the current upstreams"):
+            assert kap.process.poll() is None, kap.lines
+            await trio.sleep(0.02)
+    assert kap.process.poll() is None
+    assert all(line["msg"] != "<not json>" for line in kap.lines), kap.lines
+
+
+LOCAL = ("--listen-addr", "127.0.0.1", "--listen-port", "0", "--health-listen", "127.0.0.1:0",
+         "--fallback-upstreams", "127.0.0.1:1", "--discover-period", "200ms")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--ca-file", "pki/ca.crt", "--token-file", "pki/token"], {}),
+        ([], {"CA_FILE": "./pki/ca.crt", "TOKEN_FILE": "pki/../pki/token"}),
+        (["--as-static-pod", "--static-pod-dir", "pki"], {}),
+    ],
+)
+async def test_relative_paths_work_with_discovery_on(
+    workdir: Path, args: list[str], env: dict[str, str]
+) -> None:
+    async with kap_process(*LOCAL, *args, env=env, cwd=workdir) as kap:
+        await wait_for_discovery(kap)
+    started = kap.find("kap started")[0]
+    assert started["credentials"] in ("flags", "static-pod")
+
+
+async def test_a_kubeconfig_list_is_merged_first_wins_with_paths_relative_to_each_file(
+    workdir: Path,
+) -> None:
+    # a.yaml: the user and context, its token relative to a.yaml's directory;
+    # b.yaml (elsewhere): the cluster, its CA relative to b.yaml's directory.
+    (workdir / "b").mkdir()
+    shutil.copy(workdir / "pki" / "ca.crt", workdir / "b" / "ca.crt")
+    a = kubeconfig_doc(token_file="pki/token")
+    (workdir / "a.yaml").write_text(json.dumps(a))
+    b = kubeconfig_doc("https://127.0.0.2:6443", "ca.crt")
+    b["current-context"] = "ignored: a.yaml's wins"
+    (workdir / "b" / "b.yaml").write_text(json.dumps(b))
+    env = {"KUBECONFIG": "a.yaml:missing.yaml:b/b.yaml"}
+    async with kap_process(*LOCAL, env=env, cwd=workdir) as kap:
+        await wait_for_discovery(kap)
+    started = kap.find("kap started")[0]
+    assert started["credentials"] == "kubeconfig" and started["kubeconfig_context"] == "x"
+    assert "127.0.0.2:6443" in started["upstreams"]  # the merged server, one more seed
+
+
+async def test_without_a_ca_file_kap_never_sends_the_token(
+    start_fake: StartFake, pki: PkiFiles
+) -> None:
+    a = await start_fake("a", require_token=pki.token)
+    args = ("--listen-addr", "127.0.0.1", "--listen-port", "0", "--health-listen", "127.0.0.1:0",
+            "--fallback-upstreams", f"127.0.0.1:{a.address[1]}", "--health-interval", "100ms",
+            "--token-file", str(pki.token_file))  # fmt: skip
+    async with kap_process(*args) as kap:
+        with trio.fail_after(10):
+            while a.probe_count() < 5:
+                await trio.sleep(0.02)
+        doc = await get_json(kap.health, "/upstreams")
+    counts = {"handshakes": a.tls_handshakes, "requests": len(a.requests)}
+    counts["with_token"] = a.bearer_requests
+    print("kap process, no CA file:", counts)
+    assert counts["handshakes"] >= 1 and counts["requests"] >= 5 and counts["with_token"] == 0
+    assert doc["discovery"]["mode"] == "off"
+    assert doc["discovery"]["last_error"] == NO_CA  # /upstreams says why
+    errors = [r for r in kap.lines if r["level"] == "error"]
+    assert [r["error"] for r in errors] == [NO_CA]
+    assert [r["msg"] for r in errors] == [
+        "discovery has no credentials (give --kubeconfig, --token-file, "
+        "--cert-file/--key-file or --as-static-pod, or run with a ServiceAccount); "
+        "kap balances the fallback upstreams only"
+    ]

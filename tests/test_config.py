@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kap.address import Address, AddressError, parse_list
-from kap.config import OPTIONS, ConfigError, Credentials, parse_config
+from kap.config import OPTIONS, STATIC_POD_DIR, ConfigError, Credentials, parse_config
 from kap.durations import DurationError, format_duration, parse_duration
+from kap.kubeconfig import KubeconfigCredentials
 
 
 def readable_all(path: str) -> str | None:
@@ -246,7 +249,11 @@ def test_explicit_files_beat_the_defaults() -> None:
 
 
 def test_static_pod_mode_reads_the_static_pod_dir() -> None:
-    c = parse(readable=readable_all, as_static_pod="true", static_pod_dir="/srv/kap/")
+    c = parse(
+        readable=lambda p: None if p.startswith("/srv/kap/") else "no such file",
+        as_static_pod="true",
+        static_pod_dir="/srv/kap/",
+    )
     assert c.credentials == Credentials(
         ca_file="/srv/kap/ca.crt",
         cert_file="/srv/kap/cl.crt",
@@ -256,10 +263,217 @@ def test_static_pod_mode_reads_the_static_pod_dir() -> None:
     )
 
 
-def test_static_pod_mode_with_missing_files_warns_and_goes_on() -> None:
+def test_static_pod_mode_keeps_a_missing_client_certificate_for_when_it_appears() -> None:
+    # The CA is not there: going without it is a warning. The client
+    # certificate is not there yet: kap keeps its paths (CredentialFiles says
+    # so once, and uses the files once they load).
     c = parse(as_static_pod="true")
-    assert c.credentials.origin == "none"
-    assert len(c.warnings) == 3
+    assert c.credentials == Credentials(
+        cert_file=f"{STATIC_POD_DIR}/cl.crt",
+        key_file=f"{STATIC_POD_DIR}/cl.key",
+        origin="static-pod",
+    )
+    assert len(c.warnings) == 1 and "ca.crt" in c.warnings[0]
+
+
+# ---- one credential story: precedence, relative paths, files that load --------
+
+SA = "/var/run/secrets/kubernetes.io/serviceaccount"
+KC = Credentials(
+    ca_file="/kc/ca",
+    cert_file="/kc/crt",
+    key_file="/kc/key",
+    token_file="/kc/tok",
+    origin="kubeconfig",
+)
+
+
+def kubeconfig_of(
+    creds: Credentials, **more: object
+) -> Callable[[list[str]], KubeconfigCredentials]:
+    def load(paths: list[str]) -> KubeconfigCredentials:
+        loaded.append(paths)
+        fields: dict[str, object] = {"seed": None, "tls_server_name": None, "context": "ctx"}
+        fields.update(more)
+        return KubeconfigCredentials(credentials=creds, **fields)  # type: ignore[arg-type]
+
+    loaded: list[list[str]] = []
+    load.loaded = loaded  # type: ignore[attr-defined]
+    return load
+
+
+@pytest.mark.parametrize(
+    ("values", "kubeconfig", "want", "origin"),
+    [
+        # flags > kubeconfig, per field
+        (
+            {"ca_file": "/f/ca", "token_file": "/f/tok"},
+            KC,
+            ("/f/ca", "/kc/crt", "/kc/key", "/f/tok"),
+            "ca=flags,cert=kubeconfig,token=flags",
+        ),
+        ({}, KC, ("/kc/ca", "/kc/crt", "/kc/key", "/kc/tok"), "kubeconfig"),
+        # kubeconfig > static-pod > ServiceAccount
+        (
+            {"as_static_pod": "true", "static_pod_dir": "/sp"},
+            Credentials(token_file="/kc/tok", origin="kubeconfig"),
+            ("/sp/ca.crt", "/sp/cl.crt", "/sp/cl.key", "/kc/tok"),
+            "ca=static-pod,cert=static-pod,token=kubeconfig",
+        ),
+        (
+            {"as_static_pod": "true", "static_pod_dir": "/sp"},
+            None,
+            ("/sp/ca.crt", "/sp/cl.crt", "/sp/cl.key", f"{SA}/token"),
+            "ca=static-pod,cert=static-pod,token=serviceaccount",
+        ),
+        ({}, None, (f"{SA}/ca.crt", None, None, f"{SA}/token"), "serviceaccount"),
+        (
+            {"cert_file": "/f/crt", "key_file": "/f/key"},
+            None,
+            (f"{SA}/ca.crt", "/f/crt", "/f/key", f"{SA}/token"),
+            "ca=serviceaccount,cert=flags,token=serviceaccount",
+        ),
+    ],
+)
+def test_each_credential_field_comes_from_the_first_source_that_has_it(
+    values: dict[str, str],
+    kubeconfig: Credentials | None,
+    want: tuple[str | None, ...],
+    origin: str,
+) -> None:
+    if kubeconfig is not None:
+        values = {**values, "kubeconfig": "/kc/config"}
+    c = parse_config(
+        values,
+        environ={},
+        readable=readable_all,
+        load_kubeconfig=None if kubeconfig is None else kubeconfig_of(kubeconfig),
+    )
+    got = c.credentials
+    assert (got.ca_file, got.cert_file, got.key_file, got.token_file) == want
+    assert got.origin == origin
+
+
+def test_the_kubeconfig_gives_its_seed_and_tls_server_name_unless_the_flag_is_given() -> None:
+    load = kubeconfig_of(KC, seed=Address("10.0.0.9", 6443), tls_server_name="api.internal")
+    c = parse_config(
+        {"kubeconfig": "/a:/b"}, environ={}, readable=readable_all, load_kubeconfig=load
+    )
+    assert c.kubeconfig_seed == Address("10.0.0.9", 6443)
+    assert c.tls_server_name == "api.internal"
+    assert load.loaded == [["/a", "/b"]]  # type: ignore[attr-defined]
+    c = parse_config(
+        {"kubeconfig": "/a", "tls_server_name": "mine"},
+        environ={},
+        readable=readable_all,
+        load_kubeconfig=load,
+    )
+    assert c.tls_server_name == "mine"
+
+
+def test_relative_paths_are_taken_against_the_working_directory() -> None:
+    load = kubeconfig_of(Credentials(origin="kubeconfig"))
+    c = parse_config(
+        {
+            "ca_file": "pki/ca.crt",
+            "token_file": "./tok",
+            "kubeconfig": "kc.yaml:../other.yaml",
+            "fallback_file": "state/fallback.json",
+            "as_static_pod": "true",
+            "static_pod_dir": "sp",
+        },
+        environ={},
+        readable=lambda p: None if p.startswith("/home/op/work/") else "no such file",
+        load_kubeconfig=load,
+        cwd="/home/op/work",
+        is_dir=lambda p: p == "/home/op/work/state",
+    )
+    assert c.credentials.ca_file == "/home/op/work/pki/ca.crt"
+    assert c.credentials.token_file == "/home/op/work/tok"
+    assert c.credentials.cert_file == "/home/op/work/sp/cl.crt"
+    assert c.static_pod_dir == "/home/op/work/sp"
+    assert c.fallback_file == "/home/op/work/state/fallback.json"
+    assert load.loaded == [["/home/op/work/kc.yaml", "/home/op/other.yaml"]]  # type: ignore[attr-defined]
+
+
+def check_only(**problems: str) -> Callable[[Credentials], dict[str, str]]:
+    """A credential checker that finds ``problems`` (field -> why) whatever the files."""
+    return lambda creds: {k: v for k, v in problems.items() if getattr(creds, k) is not None}
+
+
+@pytest.mark.parametrize(
+    ("values", "problems", "flag", "env"),
+    [
+        ({"ca_file": "/ca"}, {"ca_file": "not a PEM CA bundle"}, "--ca-file", "CA_FILE"),
+        ({"token_file": "/t"}, {"token_file": "empty"}, "--token-file", "TOKEN_FILE"),
+        (
+            {"cert_file": "/c", "key_file": "/k"},
+            {"cert_file": "not a PEM certificate"},
+            "--cert-file",
+            "CERT_FILE",
+        ),
+        ({"kubeconfig": "/kc"}, {"ca_file": "not a PEM CA bundle"}, "--kubeconfig", "KUBECONFIG"),
+        ({"kubeconfig": "/kc"}, {"cert_file": "no key"}, "--kubeconfig", "KUBECONFIG"),
+    ],
+)
+def test_an_explicit_credential_file_that_does_not_load_is_one_line(
+    values: dict[str, str], problems: dict[str, str], flag: str, env: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            values,
+            environ={},
+            readable=readable_all,
+            check=check_only(**problems),
+            load_kubeconfig=kubeconfig_of(KC),
+        )
+    assert len(err.value.problems) == 1, err.value.problems
+    line = err.value.problems[0]
+    assert line.startswith(f"invalid {flag} (env {env}): '/")  # the file, as given
+    assert next(iter(problems.values())) in line
+
+
+def test_default_files_that_do_not_load_are_dropped_with_a_warning() -> None:
+    c = parse_config({}, environ={}, readable=readable_all, check=check_only(ca_file="garbage"))
+    assert c.credentials == Credentials(token_file=f"{SA}/token", origin="serviceaccount")
+    assert len(c.warnings) == 1 and "ServiceAccount" in c.warnings[0]
+    # A static pod's client certificate that does not load yet is kept, silently:
+    # CredentialFiles logs it once and uses it once it loads.
+    c = parse_config(
+        {"as_static_pod": "true"},
+        environ={},
+        readable=lambda p: None if p.startswith(STATIC_POD_DIR) else "no",
+        check=check_only(cert_file="no such file"),
+    )
+    assert c.credentials.cert_file == f"{STATIC_POD_DIR}/cl.crt" and not c.warnings
+
+
+@pytest.mark.parametrize(
+    ("values", "flag", "why"),
+    [
+        (
+            {"fallback_file": "/no/such/dir/fallback.json"},
+            "--fallback-file",
+            "directory /no/such/dir",
+        ),
+        (
+            {"fallback_upstreams": "https://10.0.0.1:6443"},
+            "--fallback-upstreams",
+            "without a scheme",
+        ),
+        (
+            {"fallback_upstreams": "10.0.0.2:1,tcp://h:1"},
+            "--fallback-upstreams",
+            "without a scheme",
+        ),
+    ],
+)
+def test_fallback_mistakes_say_what_to_give(values: dict[str, str], flag: str, why: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(values, environ={}, readable=readable_all, is_dir=lambda p: p == "/")
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith(f"invalid {flag} ") and why in err.value.problems[0]
+    assert "IPv6" not in err.value.problems[0]
 
 
 def test_timeout_longer_than_interval_is_a_warning() -> None:

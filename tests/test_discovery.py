@@ -33,7 +33,7 @@ from loguru import logger
 from kap import kubeconfig
 from kap.address import Address
 from kap.app import App
-from kap.config import Credentials, parse_config
+from kap.config import ConfigError, Credentials, parse_config
 from kap.credentials import CredentialFiles
 from kap.discovery import BACKOFF_INITIAL, ERROR_LOG_INTERVAL, EndpointSliceWatcher, backoff_delay
 from kap.pool import SOURCE_DISCOVERY, SOURCE_FILE, SOURCE_KUBECONFIG, Pool
@@ -685,7 +685,8 @@ async def test_kubeconfig_gives_credentials_and_one_more_seed(
     slice_store.put(kube_slice(free_port, a, b))
     path = tmp_path / "kubeconfig"
     write_kubeconfig(path, pki, f"https://{seed}:{free_port}")
-    config = disc_config(pki, free_port, (), kubeconfig=str(path), token_file="/nonexistent")
+    # No --ca-file, no --token-file: the kubeconfig gives both (flags would win).
+    config = disc_config(pki, free_port, (), kubeconfig=str(path), ca_file=None, token_file=None)
     app, _ = await start_kap(nursery, config)
     assert {str(x) for x in app.pool.addresses(SOURCE_KUBECONFIG)} == {f"{seed}:{free_port}"}
     await wait_until(lambda: discovered(app) == addresses(free_port, a, b))
@@ -694,27 +695,14 @@ async def test_kubeconfig_gives_credentials_and_one_more_seed(
     assert in_pool(app) == addresses(free_port, a, b, seed)
 
 
-@bounded(15)
-async def test_an_unusable_kubeconfig_is_one_error_line_and_discovery_goes_on(
-    nursery: trio.Nursery,
-    start_fake: StartFake,
-    pki: PkiFiles,
-    free_port: int,
-    slice_store: SliceStore,
-    tmp_path: Path,
-    logs: list[dict[str, Any]],
-) -> None:
-    await plane(start_fake, free_port, HOSTS[:2], require_token=pki.token)
-    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
+def test_an_unusable_kubeconfig_is_one_start_up_error_line(pki: PkiFiles, tmp_path: Path) -> None:
     path = tmp_path / "kubeconfig"
     path.write_text("clusters: [ {name: c, cluster: {server: 'https://x'\n")
-    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1], kubeconfig=str(path)))
-    errors = [r for r in logs if r["level"].name == "ERROR"]
-    assert [r["message"] for r in errors] == [
-        "cannot use the kubeconfig for discovery; using the other credentials"
-    ]
-    assert errors[0]["extra"]["error"].startswith("not YAML")
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+    with pytest.raises(ConfigError) as err:
+        disc_config(pki, 1, HOSTS[:1], kubeconfig=str(path))
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith("invalid --kubeconfig (env KUBECONFIG): ")
+    assert "not YAML" in err.value.problems[0]
 
 
 # ---- kubeconfig parsing (files, no network) ----------------------------------
