@@ -559,7 +559,9 @@ class FakeApiServer:
 
     Observations: ``probe_times`` (path -> arrival times, trio clock),
     ``probe_count()``, ``requests``, ``connections_total``,
-    ``active_connections``, ``raw_connections``, ``connection_errors``.
+    ``active_connections``, ``raw_connections``, ``connection_errors``,
+    ``client_cert_serials`` (the serial of the client certificate each TLS
+    connection presented, in order; None for none).
     """
 
     name: str
@@ -578,6 +580,7 @@ class FakeApiServer:
     active_connections: int = attrs.field(init=False, default=0)
     raw_connections: int = attrs.field(init=False, default=0)
     connection_errors: int = attrs.field(init=False, default=0)
+    client_cert_serials: list[int | None] = attrs.field(init=False, factory=list)
     _ssl_context: ssl.SSLContext | None = attrs.field(init=False, default=None)
     _cancel_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _connection_scopes: set[trio.CancelScope] = attrs.field(init=False, factory=set)
@@ -697,6 +700,8 @@ class FakeApiServer:
     async def _serve_http(self, tls: trio.SSLStream[trio.SocketStream]) -> None:
         conn = h11.Connection(h11.SERVER)
         user = self._cert_user(tls)
+        serial = (tls.getpeercert() or {}).get("serialNumber")
+        self.client_cert_serials.append(None if serial is None else int(str(serial), 16))
         while True:
             request = await self._next_request(conn, tls)
             if request is None:
