@@ -19,6 +19,7 @@ expiration_seconds=
 csr_name=
 poll_interval=${KAP_CSR_POLL_INTERVAL:-1}
 quiet=0
+from_dir=
 
 usage() {
     cat <<EOF
@@ -65,6 +66,9 @@ Options:
                           600; default: the signer's, one year with kubeadm)
   --name NAME             CertificateSigningRequest name
                           (default: kap-<hostname>-<unix time>)
+  --from DIR              install DIR/cl.crt and DIR/cl.key, made by this script
+                          elsewhere (for nodes without cluster access), instead of
+                          requesting a certificate
   -q, --quiet             print errors only (for cron)
   -h, --help              show this help
 
@@ -105,7 +109,7 @@ while [[ $# -gt 0 ]]; do
             exit 0
             ;;
         --out-dir | --ca-file | --cn | --group | --kubectl | --kubeconfig | --timeout | \
-            --renew-before | --expiration-seconds | --name)
+            --renew-before | --expiration-seconds | --name | --from)
             need_value "$@"
             case $1 in
                 --out-dir) out_dir=$2 ;;
@@ -118,6 +122,7 @@ while [[ $# -gt 0 ]]; do
                 --renew-before) renew_before_days=$2 ;;
                 --expiration-seconds) expiration_seconds=$2 ;;
                 --name) csr_name=$2 ;;
+                --from) from_dir=$2 ;;
             esac
             shift 2
             ;;
@@ -249,6 +254,20 @@ publish() {
         fi
     done
 }
+
+if [[ -n $from_dir ]]; then
+    valid_pair "$from_dir/cl.crt" "$from_dir/cl.key" 0 ||
+        die "$from_dir/cl.crt and cl.key are not a matching, unexpired pair for CN=$cn, O=$group" \
+            "make them with $PROG --out-dir DIR on a machine with cluster access"
+    if cmp -s "$from_dir/cl.crt" "$crt" && cmp -s "$from_dir/cl.key" "$key" && cmp -s "$ca_file" "$ca"; then
+        info "$crt is already the certificate in $from_dir; nothing to do"
+        exit 0
+    fi
+    publish "$ca_file" "$from_dir/cl.crt" "$from_dir/cl.key"
+    info "installed $from_dir/cl.crt and cl.key as $crt and $key;" \
+        "kap uses them from its next connection"
+    exit 0
+fi
 
 have_crt=$crt have_key=$key
 if [[ ! -e $crt && ! -e $key && -e $legacy_crt ]]; then

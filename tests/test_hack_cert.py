@@ -215,6 +215,43 @@ def test_a_pair_from_an_earlier_version_is_adopted(cluster: Cluster) -> None:
     assert "delete the apl.* files" in done.stderr
 
 
+def test_a_pair_made_elsewhere_is_installed_without_cluster_access(cluster: Cluster) -> None:
+    """Nodes without an admin kubeconfig: issue elsewhere, copy, install with --from."""
+    assert cluster.run().returncode == 0
+    copied = cluster.root / "copied"
+    copied.mkdir()
+    for name in ("cl.crt", "cl.key"):  # what scp or cp -L leave: plain files
+        shutil.copyfile(cluster.out / name, copied / name)
+    node = cluster.root / "node"
+    cluster.new_csr()
+
+    done = cluster.run("--out-dir", str(node), "--from", str(copied))
+
+    assert done.returncode == 0, done.stderr
+    assert cluster.calls() == []
+    assert_published(node)
+    for name in ("cl.crt", "cl.key"):
+        assert (node / name).read_bytes() == (copied / name).read_bytes()
+    assert (node / "ca.crt").read_bytes() == cluster.ca_pem.read_bytes()
+    again = cluster.run("--out-dir", str(node), "--from", str(copied))
+    assert "nothing to do" in again.stderr
+
+
+def test_from_refuses_a_mismatched_pair(cluster: Cluster) -> None:
+    assert cluster.run().returncode == 0
+    copied = cluster.root / "copied"
+    copied.mkdir()
+    shutil.copyfile(cluster.out / "cl.crt", copied / "cl.crt")
+    (copied / "cl.key").write_text(trustme.CA().issue_cert("x").private_key_pem.bytes().decode())
+    node = cluster.root / "node"
+
+    done = cluster.run("--out-dir", str(node), "--from", str(copied))
+
+    assert done.returncode == 1
+    assert "not a matching, unexpired pair" in done.stderr
+    assert_no_key_without_certificate(node)
+
+
 def test_a_missing_cluster_ca_fails_before_any_request(cluster: Cluster) -> None:
     done = cluster.run("--ca-file", str(cluster.root / "no-such-ca.crt"))
     assert done.returncode == 1
@@ -390,6 +427,7 @@ def test_help_lists_every_option() -> None:
         "--out-dir",
         "--ca-file",
         "--quiet",
+        "--from",
         "--cn",
         "--group",
         "--kubectl",
