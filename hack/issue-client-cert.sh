@@ -186,17 +186,21 @@ valid_pair() {
     [[ ",${subject#subject=}," == *",CN=$cn,"* && ",${subject#subject=}," == *",O=$group,"* ]]
 }
 
-mkdir -p "$out_dir"
+# $out_dir itself is made only by publish, complete: the static pod waits for
+# it, and a kap started on an empty one would run without the CA.
+parent=$(dirname -- "$out_dir")
+mkdir -p "$parent"
 # One run at a time: two runs switching ..data and pruning versions could
-# remove each other's files.
+# remove each other's files. The lock is on the parent (a directory fd, no file).
 if command -v flock >/dev/null; then
-    exec 9<"$out_dir"
-    flock -n 9 || die "another $PROG is writing $out_dir" "let it finish, then rerun"
+    exec 9<"$parent"
+    flock -n 9 || die "another $PROG is running on $parent" "let it finish, then rerun"
 fi
 umask 077
 
 work=
 version=
+staging=
 csr_created=0
 cleanup() {
     local status=$?
@@ -206,6 +210,9 @@ cleanup() {
     if [[ -n $version ]]; then
         # Interrupted before ..data pointed at it: never in use.
         rm -rf "$version"
+    fi
+    if [[ -n $staging ]]; then
+        rm -rf "$staging"
     fi
     rm -f "$out_dir/..data.tmp" "$out_dir/.ca.crt.tmp" "$out_dir/.cl.crt.tmp" "$out_dir/.cl.key.tmp"
     if [[ $status -ne 0 && $csr_created -eq 1 ]]; then
@@ -228,9 +235,17 @@ trap 'exit 143' TERM
 # ..<time>.XXXXXX, the symbolic link ..data is switched to it by one rename,
 # and ca.crt, cl.crt and cl.key are links to ..data/<name> (the layout of
 # Kubernetes' Secret and ConfigMap volumes, which kap reads the same way).
+#
+# The first time, the whole directory is built next to its place and renamed
+# in, so it never exists without the three files.
 publish() {
-    local name old current
-    version=$(mktemp -d "$out_dir/..$(date -u +%Y_%m_%d_%H_%M_%S).XXXXXX")
+    local dir=$out_dir name old current
+    if [[ ! -d $out_dir ]]; then
+        staging=$(mktemp -d "$out_dir.XXXXXX")
+        chmod 0755 "$staging"
+        dir=$staging
+    fi
+    version=$(mktemp -d "$dir/..$(date -u +%Y_%m_%d_%H_%M_%S).XXXXXX")
     chmod 0755 "$version"
     cp "$1" "$version/ca.crt"
     cp "$2" "$version/cl.crt"
@@ -238,21 +253,27 @@ publish() {
     chmod 0644 "$version/ca.crt"
     chmod 0600 "$version/cl.crt" "$version/cl.key"
     current=${version##*/}
-    ln -sfn "$current" "$out_dir/..data.tmp"
-    mv -T "$out_dir/..data.tmp" "$out_dir/..data"
+    ln -sfn "$current" "$dir/..data.tmp"
+    mv -T "$dir/..data.tmp" "$dir/..data"
     version=
-    for name in ca.crt cl.crt cl.key; do
-        if [[ "$(readlink "$out_dir/$name" || true)" != "..data/$name" ]]; then
-            ln -sfn "..data/$name" "$out_dir/.$name.tmp"
-            mv -T "$out_dir/.$name.tmp" "$out_dir/$name"
+    # The key before its certificate: only on a first run or from plain files
+    # (later runs find these links in place).
+    for name in ca.crt cl.key cl.crt; do
+        if [[ "$(readlink "$dir/$name" || true)" != "..data/$name" ]]; then
+            ln -sfn "..data/$name" "$dir/.$name.tmp"
+            mv -T "$dir/.$name.tmp" "$dir/$name"
         fi
     done
     # Earlier versions: nothing points at them any more.
-    for old in "$out_dir"/..?*; do
+    for old in "$dir"/..?*; do
         if [[ -d $old && ! -L $old && ${old##*/} != "$current" ]]; then
             rm -rf -- "$old"
         fi
     done
+    if [[ -n $staging ]]; then
+        mv -T "$staging" "$out_dir"
+        staging=
+    fi
 }
 
 if [[ -n $from_dir ]]; then
@@ -305,7 +326,7 @@ if ! access=$(kube auth can-i create certificatesigningrequests.certificates.k8s
         "on a kubeadm control-plane node: --kubeconfig /etc/kubernetes/admin.conf"
 fi
 
-work=$(mktemp -d "$out_dir/.csr.XXXXXX")
+work=$(mktemp -d "${TMPDIR:-/tmp}/kap-csr.XXXXXX")
 
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$work/cl.key" 2>/dev/null ||
     die "openssl could not make a key"

@@ -151,6 +151,10 @@ class Cluster:
         return self.root / "ca.pem"
 
     @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
     def ca_key(self) -> Path:
         return self.root / "ca.key"
 
@@ -158,6 +162,7 @@ class Cluster:
         return {
             "PATH": f"{self.root / 'bin'}:{os.environ['PATH']}",
             "HOME": str(self.root),
+            "TMPDIR": str(self.tmp),  # where the script keeps its key until it is signed
             "KAP_STUB_DIR": str(self.state),
             "KAP_STUB_MODE": self.mode,
             "KAP_STUB_DAYS": str(self.days),
@@ -202,6 +207,7 @@ def make_cluster(root: Path, ca_cert: Path, ca_key: Path) -> Cluster:
     """A fake cluster under ``root`` whose signer (and cluster CA) is ``ca_cert``/``ca_key``."""
     (root / "bin").mkdir(parents=True)
     (root / "state").mkdir()
+    (root / "tmp").mkdir()
     kubectl = root / "bin" / "kubectl"
     kubectl.write_text(FAKE_KUBECTL.replace("{python}", sys.executable))
     kubectl.chmod(0o755)

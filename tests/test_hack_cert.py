@@ -47,9 +47,17 @@ FILES = ("ca.crt", "cl.crt", "cl.key")  # what kap reads in --static-pod-dir
 
 
 def assert_no_key_without_certificate(out: Path, expected: Sequence[str] = ()) -> None:
-    """The output directory holds exactly ``expected``: no stray key, no temp files."""
+    """The output directory holds exactly ``expected``: no stray key, no temp files.
+
+    Nothing is left next to it either (a half-built first directory), nor in
+    TMPDIR (the key waiting for its certificate).
+    """
     present = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert present == sorted(expected)
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name)) == (
+        [out.name] if out.exists() else []
+    )
+    assert list((out.parent / "tmp").iterdir()) == []
 
 
 def assert_published(out: Path) -> Path:
@@ -383,6 +391,8 @@ def test_killed_while_waiting_leaves_no_key(cluster: Cluster) -> None:
         while "get certificatesigningrequest" not in cluster.verbs():
             assert time.monotonic() < deadline, "the script never started waiting"
             time.sleep(0.05)
+        # The static pod waits for the directory: it must not appear empty.
+        assert not cluster.out.exists()
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     finally:
