@@ -144,6 +144,10 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+# The directory is built next to its place: no trailing slash.
+while [[ $out_dir == */ && $out_dir != / ]]; do
+    out_dir=${out_dir%/}
+done
 [[ $timeout =~ ^[1-9][0-9]*$ ]] || usage_error "--timeout must be a whole number of seconds"
 [[ $renew_before_days =~ ^[0-9]+$ ]] || usage_error "--renew-before must be a whole number of days"
 if [[ -n $expiration_seconds ]]; then

@@ -269,6 +269,12 @@ def test_a_missing_cluster_ca_fails_before_any_request(cluster: Cluster) -> None
     assert not cluster.out.exists()
 
 
+def test_out_dir_with_a_trailing_slash(cluster: Cluster) -> None:
+    done = cluster.run("--out-dir", f"{cluster.out}/")
+    assert done.returncode == 0, done.stderr
+    assert_published(cluster.out)
+
+
 def test_no_approve_waits_for_someone_else_to_approve(cluster: Cluster) -> None:
     cluster.mode = "auto"
     done = cluster.run("--no-approve")
