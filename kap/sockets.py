@@ -70,13 +70,9 @@ def bind_listener(
     if host == "":
         host = "::" if socket.has_ipv6 and _ipv6_works() else "0.0.0.0"
     family = family_of(host)
-    if reuse_port and port != 0 and already_listening(host, port):
-        logger.bind(listen=str(Address(host, port))).warning(
-            "another socket already listens on this address and port: expected while an "
-            "earlier kap hands over during a restart; otherwise a second kap (or another "
-            "program) shares it through SO_REUSEPORT and the kernel splits the clients "
-            "between them"
-        )
+    # Asked before binding (afterwards kap's own listener would answer); told
+    # only once the bind worked (else the bind's own error says it all).
+    shared = reuse_port and port != 0 and already_listening(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -95,6 +91,13 @@ def bind_listener(
     except BaseException:
         sock.close()
         raise
+    if shared:
+        logger.bind(listen=str(Address(host, port))).warning(
+            "another socket already listens on this address and port: expected while an "
+            "earlier kap hands over during a restart; otherwise a second kap (or another "
+            "program) shares it through SO_REUSEPORT and the kernel splits the clients "
+            "between them"
+        )
     return sock
 
 

@@ -74,6 +74,17 @@ def test_a_wildcard_listener_on_the_port_counts(warnings: list[str]) -> None:
     assert len(warnings) == 1
 
 
+def test_a_listener_that_refuses_to_share_gives_the_bind_error_alone(
+    warnings: list[str],
+) -> None:
+    with socket.socket() as other:  # no SO_REUSEPORT: kap's bind fails
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(OSError, match="cannot listen on"):
+            bind_listener("127.0.0.1", port_of(other))
+    assert warnings == []
+
+
 def test_port_zero_is_never_warned_about(warnings: list[str]) -> None:
     with bind_listener("127.0.0.1", 0):
         pass
