@@ -1,10 +1,14 @@
 """Raw socket work for the data path: listeners, dials and per-socket options.
 
 kap uses plain non-blocking stdlib sockets on the hot path, not trio's stream
-wrappers: perf-facts.md measured ``open_tcp_stream`` plus the wrappers at about
-1 ms of CPU per connection. A dial is split in two: ``start_connect`` begins a
+wrappers: ``open_tcp_stream`` plus the wrappers measured about 1 ms of CPU per
+connection. A dial is split in two: ``start_connect`` begins a
 non-blocking connect, and the relay's pump waits for it to finish in its own
 epoll set (kap/relay.py), so a connection's task sleeps once for dial and relay.
+
+At start, ``bind_listener`` warns when another socket already listens on the
+address and port (``already_listening``): SO_REUSEPORT, which makes restarts
+hitless, would otherwise let a forgotten second kap share the clients silently.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import socket
 
 import attrs
 import trio
+from loguru import logger
 
 from kap.address import Address
 
@@ -69,6 +74,9 @@ def bind_listener(
     if host == "":
         host = "::" if socket.has_ipv6 and _ipv6_works() else "0.0.0.0"
     family = family_of(host)
+    # Asked before binding (afterwards kap's own listener would answer); told
+    # only once the bind worked (else the bind's own error says it all).
+    shared = reuse_port and port != 0 and already_listening(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -87,7 +95,39 @@ def bind_listener(
     except BaseException:
         sock.close()
         raise
+    if shared:
+        logger.bind(listen=str(Address(host, port))).warning(
+            "another socket already listens on this address and port: expected while an "
+            "earlier kap hands over during a restart; otherwise a second kap (or another "
+            "program) shares it through SO_REUSEPORT and the kernel splits the clients "
+            "between them"
+        )
     return sock
+
+
+def already_listening(host: str, port: int) -> bool:
+    """Whether a socket already listens on ``host:port`` (or a wildcard covering it).
+
+    kap binds with SO_REUSEPORT so a new kap can take over from the old one
+    without refusing a client; the same option lets a stale, hand-run kap
+    share the port with the static pod unnoticed, each taking part of the
+    clients. A probe socket bound *without* SO_REUSEPORT tells them apart
+    from a free port: Linux refuses it (EADDRINUSE) when a listener holds the
+    address. SO_REUSEADDR is set on the probe so connections left in
+    TIME_WAIT or still draining from an earlier kap do not count. The probe
+    is never listened on; it is closed at once. Any other error (an address
+    not on this host) is left for the real bind to report.
+    """
+    family = family_of(host)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == "::":
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
 
 
 def _ipv6_works() -> bool:

@@ -561,8 +561,10 @@ class FakeApiServer:
     ``probe_count()``, ``requests``, ``connections_total``,
     ``active_connections``, ``raw_connections``, ``connection_errors``;
     what kap presented: ``tls_handshakes`` (completed), ``bearer_requests``
-    (requests with an Authorization header, right or wrong) and
-    ``client_cert_requests`` (requests on a connection with a client certificate).
+    (requests with an Authorization header, right or wrong),
+    ``client_cert_requests`` (requests on a connection with a client certificate)
+    and ``client_cert_serials`` (the serial of the client certificate each TLS
+    connection presented, in order; None for none).
     """
 
     name: str
@@ -584,6 +586,7 @@ class FakeApiServer:
     tls_handshakes: int = attrs.field(init=False, default=0)
     bearer_requests: int = attrs.field(init=False, default=0)
     client_cert_requests: int = attrs.field(init=False, default=0)
+    client_cert_serials: list[int | None] = attrs.field(init=False, factory=list)
     _ssl_context: ssl.SSLContext | None = attrs.field(init=False, default=None)
     _cancel_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _connection_scopes: set[trio.CancelScope] = attrs.field(init=False, factory=set)
@@ -704,6 +707,8 @@ class FakeApiServer:
     async def _serve_http(self, tls: trio.SSLStream[trio.SocketStream]) -> None:
         conn = h11.Connection(h11.SERVER)
         user = self._cert_user(tls)
+        serial = (tls.getpeercert() or {}).get("serialNumber")
+        self.client_cert_serials.append(None if serial is None else int(str(serial), 16))
         while True:
             request = await self._next_request(conn, tls)
             if request is None:

@@ -122,12 +122,18 @@ class KapProcess:
 
 @asynccontextmanager
 async def kap_process(
-    *args: str, env: dict[str, str] | None = None, nofile: int | None = None, cwd: Any = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    nofile: int | None = None,
+    cwd: Any = None,
+    wrap: tuple[str, ...] = (),
 ) -> AsyncIterator[KapProcess]:
     """Start ``python -m kap ARGS``; wait for "kap started"; kill it on exit if still running.
 
     ``nofile`` sets the process's RLIMIT_NOFILE (soft and hard); ``cwd`` its
-    working directory.
+    working directory. ``wrap`` is a command that ends by exec-ing its
+    arguments (so the PID stays kap's), e.g. one that sets up a mount
+    namespace first.
     """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     full_env.update(env or {})
@@ -137,7 +143,7 @@ async def kap_process(
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "kap", *args],
+        [*wrap, sys.executable, "-m", "kap", *args],
         stderr=subprocess.PIPE,
         env=full_env,
         preexec_fn=limit,

@@ -341,7 +341,26 @@ def test_static_pod_mounts_every_file_kap_reads(kap: KapCli, static_pod: Obj) ->
         assert found is not None, f"kap reads {static_dir}/{name}; nothing mounts it"
         mount, volume = found
         assert mount.get("readOnly") is True
-        assert volume["hostPath"]["type"] == "File", "kap must not start without its credentials"
+        # The script replaces the files (new inodes). A file mount would pin
+        # the old inode until the container is recreated; a mount of their
+        # directory shows the new ones to the running kap.
+        assert mount["mountPath"].rstrip("/") == static_dir, (
+            f"{static_dir}/{name} is mounted on its own: a renewal would not reach kap"
+        )
+        assert volume["hostPath"]["type"] == "Directory", "the script makes the directory first"
+
+
+def test_static_pod_never_mounts_the_cluster_pki_directory(static_pod: Obj) -> None:
+    """/etc/kubernetes/pki holds the cluster CA's private key on control-plane nodes."""
+    for volume in static_pod["spec"]["volumes"]:
+        path = Path(volume["hostPath"]["path"])
+        covers_pki = (
+            path == Path("/etc/kubernetes/pki") or path in Path("/etc/kubernetes/pki").parents
+        )
+        inside_pki = Path("/etc/kubernetes/pki") in path.parents
+        assert not covers_pki, f"volume {volume['name']} mounts {path}"
+        if inside_pki:
+            assert volume["hostPath"]["type"] == "File", f"{path}: a single file only"
 
 
 def test_static_pod_fallback_file_is_mounted_writable(kap: KapCli, static_pod: Obj) -> None:
@@ -363,17 +382,21 @@ def test_static_pod_has_a_seed_upstream(kap: KapCli, static_pod: Obj) -> None:
     assert seed
 
 
-def test_static_pod_reads_what_the_script_writes(static_pod: Obj) -> None:
+def test_static_pod_reads_what_the_script_writes(kap: KapCli, static_pod: Obj) -> None:
     out_dir = script_defaults()["--out-dir"]
     spec = static_pod["spec"]
-    hosts = {
-        Path(m["mountPath"]).name: mounted(spec, m["mountPath"])[1]["hostPath"]["path"]  # type: ignore[index]
-        for m in the_container(spec)["volumeMounts"]
-    }
-    assert hosts["cl.crt"] == f"{out_dir}/apl.crt"
-    assert hosts["cl.key"] == f"{out_dir}/apl.key"
+    static_dir = kap.setting(the_container(spec), "--static-pod-dir")
+    for name in ("ca.crt", "cl.crt", "cl.key"):
+        mount, volume = mounted(spec, f"{static_dir}/{name}")  # type: ignore[misc]
+        host = Path(volume["hostPath"]["path"]) / Path(f"{static_dir}/{name}").relative_to(
+            mount["mountPath"]
+        )
+        assert host == Path(out_dir) / name, f"kap reads {name} from {host}; the script writes it"
+    fallback = kap.setting(the_container(spec), "--fallback-file")
+    assert fallback is not None
+    _, volume = mounted(spec, fallback)  # type: ignore[misc]
     # FileOrCreate does not create directories; the script makes this one.
-    assert Path(hosts["upstreams.json"]).parent == Path(out_dir)
+    assert Path(volume["hostPath"]["path"]).parent == Path(out_dir)
 
 
 def test_static_pod_runs_as_root_at_node_critical_priority(static_pod: Obj) -> None:
@@ -523,9 +546,10 @@ class Relocated:
 def relocate(kap: KapCli, spec: Obj, root: Path, ca: trustme.CA) -> Relocated:
     """The container's command line with its mounts under ``root`` and free ports.
 
-    Each hostPath file mount becomes a file at ``root/<mountPath>``: the cluster
-    CA, a client certificate for ``apl.crt``/``apl.key``, an empty file
-    otherwise (FileOrCreate on a fresh node).
+    Each hostPath directory mount becomes a directory at ``root/<mountPath>``
+    holding what hack/issue-client-cert.sh writes (the cluster CA as ``ca.crt``,
+    a client certificate as ``cl.crt``/``cl.key``); each file mount an empty
+    file (FileOrCreate on a fresh node), or the CA for a mounted ``ca.crt``.
     """
     container = the_container(spec)
     client = ca.issue_cert(
@@ -533,17 +557,20 @@ def relocate(kap: KapCli, spec: Obj, root: Path, ca: trustme.CA) -> Relocated:
         common_name="system:kubernetes-api-proxy",
         organization_name="system:kubernetes-api-proxies",
     )
-    for mount in container.get("volumeMounts", []):
+    # Parents first, as container runtimes mount them.
+    mounts = sorted(container.get("volumeMounts", []), key=lambda m: m["mountPath"].count("/"))
+    for mount in mounts:
         _, volume = mounted(spec, mount["mountPath"])  # type: ignore[misc]
         target = root / mount["mountPath"].lstrip("/")
+        if volume["hostPath"].get("type") in ("Directory", "DirectoryOrCreate"):
+            target.mkdir(parents=True, exist_ok=True)
+            ca.cert_pem.write_to_path(str(target / "ca.crt"))
+            client.cert_chain_pems[0].write_to_path(str(target / "cl.crt"))
+            client.private_key_pem.write_to_path(str(target / "cl.key"))
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        host = Path(volume["hostPath"]["path"]).name
-        if host == "ca.crt":
+        if Path(volume["hostPath"]["path"]).name == "ca.crt":
             ca.cert_pem.write_to_path(str(target))
-        elif host == "apl.crt":
-            client.cert_chain_pems[0].write_to_path(str(target))
-        elif host == "apl.key":
-            client.private_key_pem.write_to_path(str(target))
         else:
             target.touch()
 

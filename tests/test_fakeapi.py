@@ -155,6 +155,22 @@ async def test_client_cert_required_refuses_anonymous_with_403(
         assert fake.requests[-1].user == "system:kap"
 
 
+async def test_records_the_serial_of_each_connections_client_certificate(
+    start_fake: Any, pki: PkiFiles
+) -> None:
+    from cryptography import x509
+
+    serial = x509.load_pem_x509_certificate(pki.client_cert_file.read_bytes()).serial_number
+    with trio.fail_after(10):
+        fake = await start_fake("a", require_client_cert=True)
+        async with client(pki, fake) as http:
+            await http.get("/readyz")
+        async with client(pki, fake, client_cert=True) as http:
+            await http.get("/readyz")
+            await http.get("/readyz")  # the same connection: recorded once
+        assert fake.client_cert_serials == [None, serial]
+
+
 async def test_token_required_refuses_missing_or_wrong_token_with_401(
     start_fake: Any, pki: PkiFiles
 ) -> None:

@@ -1,18 +1,10 @@
-"""hack/issue-client-cert.sh against a fake kubectl.
+"""hack/issue-client-cert.sh against a fake kubectl (tests/stubkubectl.py).
 
-The fake is a small program put first on PATH. It records every call (one JSON
-array of arguments per line), keeps the CertificateSigningRequest it was given,
-and answers like a cluster would; ``KAP_STUB_MODE`` says which cluster:
-
-- ``approve``: the certificate appears once ``kubectl certificate approve`` ran;
-- ``auto``: something else approves, the certificate appears at once;
-- ``deny``: the request is denied;
-- ``no-access``: the API cannot be reached;
-- ``never``: the signer never issues;
-- ``other-key``: issues a certificate for a key that is not the request's.
-
-Certificates are really signed, by ``openssl x509 -req`` with a trustme CA,
-from the CSR the script submitted.
+The fake kubectl answers like a cluster would (approving, denying, never
+issuing, unreachable...) and really signs the script's CSR. These tests hold
+the script to what the static pod needs: the three files kap reads in one
+directory, switched all at once, no stray key, and a renewal that needs no
+restart of kap (tests/test_static_pod_rotation.py checks that end to end).
 """
 
 from __future__ import annotations
@@ -23,180 +15,22 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import attrs
 import kubernetes_validate
 import pytest
 import trustme
-
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "hack" / "issue-client-cert.sh"
-
-FAKE_KUBECTL = r"""#!{python}
-import base64, json, os, subprocess, sys
-from pathlib import Path
-
-import yaml
-
-state = Path(os.environ["KAP_STUB_DIR"])
-mode = os.environ.get("KAP_STUB_MODE", "approve")
-with open(state / "calls.jsonl", "a") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\n")
-
-args = []
-rest = iter(sys.argv[1:])
-for a in rest:
-    if a == "--kubeconfig":
-        next(rest)
-    elif not a.startswith("--request-timeout") and not a.startswith("--kubeconfig="):
-        args.append(a)
-
-
-def fail(message):
-    print(message, file=sys.stderr)
-    sys.exit(1)
-
-
-def openssl(*argv):
-    subprocess.run(["openssl", *argv], check=True, capture_output=True)
-
-
-def issue():
-    cert = state / "issued.pem"
-    if not cert.exists():
-        csr = state / "request.pem"
-        if mode == "other-key":
-            csr = state / "other.csr"
-            openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-keyout", str(state / "other.key"),
-                    "-subj", "/O=system:kubernetes-api-proxies/CN=system:kubernetes-api-proxy",
-                    "-out", str(csr))
-        (state / "ext.cnf").write_text("extendedKeyUsage=clientAuth\n")
-        openssl("x509", "-req", "-in", str(csr), "-CA", os.environ["KAP_STUB_CA_CERT"],
-                "-CAkey", os.environ["KAP_STUB_CA_KEY"], "-set_serial", "4242",
-                "-days", os.environ.get("KAP_STUB_DAYS", "365"),
-                "-extfile", str(state / "ext.cnf"), "-out", str(cert))
-    return base64.b64encode(cert.read_bytes()).decode()
-
-
-approved = (state / "approved").exists()
-if args[:2] == ["auth", "can-i"]:
-    if mode == "no-access":
-        fail("The connection to the server 10.0.0.1:6443 was refused")
-    print("yes")
-elif args[:2] == ["create", "-f"]:
-    obj = yaml.safe_load(sys.stdin)
-    (state / "csr.json").write_text(json.dumps(obj))
-    (state / "request.pem").write_bytes(base64.b64decode(obj["spec"]["request"]))
-    print("certificatesigningrequest.certificates.k8s.io/%s created" % obj["metadata"]["name"])
-elif args[:2] == ["certificate", "approve"]:
-    (state / "approved").touch()
-    print("certificatesigningrequest.certificates.k8s.io/%s approved" % args[2])
-elif args[:1] == ["get"] and args[1] in ("csr", "certificatesigningrequest"):
-    jsonpath = next(a for a in args if a.startswith("jsonpath="))
-    issued = mode in ("auto", "other-key") or (mode == "approve" and approved)
-    if "conditions[*].type" in jsonpath:
-        print("Denied" if mode == "deny" else "Approved" if issued else "", end="")
-    elif "conditions[*].message" in jsonpath:
-        print("CN system:kubernetes-api-proxy is not allowed here", end="")
-    elif "status.certificate" in jsonpath:
-        print(issue() if issued else "", end="")
-    else:
-        fail("fake kubectl: unknown jsonpath " + jsonpath)
-elif args[:1] == ["delete"]:
-    (state / "deleted").touch()
-else:
-    fail("fake kubectl: unexpected call %r" % (args,))
-"""
-
-
-@attrs.frozen
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@attrs.define
-class Cluster:
-    """The fake cluster: a kubectl on PATH, its CA, and what it was asked."""
-
-    root: Path
-    ca: trustme.CA
-    mode: str = "approve"
-    days: int = 365
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def out(self) -> Path:
-        return self.root / "out"
-
-    @property
-    def ca_pem(self) -> Path:
-        return self.root / "ca.pem"
-
-    def env(self) -> dict[str, str]:
-        return {
-            "PATH": f"{self.root / 'bin'}:{os.environ['PATH']}",
-            "HOME": str(self.root),
-            "KAP_STUB_DIR": str(self.state),
-            "KAP_STUB_MODE": self.mode,
-            "KAP_STUB_DAYS": str(self.days),
-            "KAP_STUB_CA_CERT": str(self.ca_pem),
-            "KAP_STUB_CA_KEY": str(self.root / "ca.key"),
-            "KAP_CSR_POLL_INTERVAL": "0.1",
-        }
-
-    def run(self, *args: str, timeout: float = 60) -> Run:
-        done = subprocess.run(
-            ["bash", str(SCRIPT), "--out-dir", str(self.out), *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return Run(done.returncode, done.stdout, done.stderr)
-
-    def calls(self) -> list[list[str]]:
-        path = self.state / "calls.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    def verbs(self) -> list[str]:
-        """Each call as its first two words, kubectl's global flags left out."""
-        verbs = []
-        for call in self.calls():
-            words = [w for w in call if not w.startswith("--request-timeout")]
-            if words[:1] == ["--kubeconfig"]:
-                words = words[2:]
-            verbs.append(" ".join(words[:2]))
-        return verbs
-
-    def new_csr(self) -> None:
-        """Forget the last request, as a fresh CSR object on the cluster would."""
-        for name in ("issued.pem", "approved", "calls.jsonl", "deleted"):
-            (self.state / name).unlink(missing_ok=True)
+from stubkubectl import SCRIPT, Cluster, make_cluster
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Cluster:
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "state").mkdir()
-    kubectl = tmp_path / "bin" / "kubectl"
-    kubectl.write_text(FAKE_KUBECTL.replace("{python}", sys.executable))
-    kubectl.chmod(0o755)
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     ca.private_key_pem.write_to_path(str(tmp_path / "ca.key"))
-    return Cluster(tmp_path, ca)
+    return make_cluster(tmp_path / "cluster", tmp_path / "ca.pem", tmp_path / "ca.key")
 
 
 def openssl(*args: str) -> str:
@@ -209,10 +43,42 @@ def subject(cert: Path) -> str:
     return openssl("x509", "-in", str(cert), "-noout", "-subject", "-nameopt", "RFC2253")
 
 
+FILES = ("ca.crt", "cl.crt", "cl.key")  # what kap reads in --static-pod-dir
+
+
 def assert_no_key_without_certificate(out: Path, expected: Sequence[str] = ()) -> None:
-    """The output directory holds exactly ``expected``: no stray key, no temp files."""
+    """The output directory holds exactly ``expected``: no stray key, no temp files.
+
+    Nothing is left next to it either (a half-built first directory), nor in
+    TMPDIR (the key waiting for its certificate).
+    """
     present = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert present == sorted(expected)
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name)) == (
+        [out.name] if out.exists() else []
+    )
+    assert list((out.parent / "tmp").iterdir()) == []
+
+
+def assert_published(out: Path) -> Path:
+    """The layout the static pod mounts: ca.crt, cl.crt, cl.key as links through ..data.
+
+    ``..data`` is a link to the one version directory that holds the three
+    files, so switching it switches all three at once. Nothing else is left
+    behind (no temp file, no earlier version). Returns the version directory.
+    """
+    (version,) = [p for p in out.iterdir() if p.name.startswith("..") and p.name != "..data"]
+    assert_no_key_without_certificate(out, ["..data", version.name, *FILES])
+    assert os.readlink(out / "..data") == version.name
+    for name in FILES:
+        assert os.readlink(out / name) == f"..data/{name}"
+    assert sorted(p.name for p in version.iterdir()) == sorted(FILES)
+    assert (out / "ca.crt").read_bytes() != b""
+    return version
+
+
+def serial(cert: Path) -> int:
+    return int(openssl("x509", "-in", str(cert), "-noout", "-serial").partition("=")[2], 16)
 
 
 # --- the happy paths ----------------------------------------------------------
@@ -221,10 +87,12 @@ def assert_no_key_without_certificate(out: Path, expected: Sequence[str] = ()) -
 def test_issues_an_approved_client_certificate(cluster: Cluster) -> None:
     done = cluster.run()
     assert done.returncode == 0, done.stderr
-    crt, key = cluster.out / "apl.crt", cluster.out / "apl.key"
-    assert_no_key_without_certificate(cluster.out, ["apl.crt", "apl.key"])
+    crt, key = cluster.out / "cl.crt", cluster.out / "cl.key"
+    assert_published(cluster.out)
     for path in (crt, key):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # The cluster CA, copied next to them under the name kap reads.
+    assert (cluster.out / "ca.crt").read_bytes() == cluster.ca_pem.read_bytes()
     # Signed by the cluster's CA, for the user and group rbac.yaml binds, and
     # for the key next to it.
     openssl("verify", "-CAfile", str(cluster.ca_pem), str(crt))
@@ -252,8 +120,8 @@ def test_issues_an_approved_client_certificate(cluster: Cluster) -> None:
 
 def test_second_run_with_a_valid_certificate_does_nothing(cluster: Cluster) -> None:
     assert cluster.run().returncode == 0
-    crt = cluster.out / "apl.crt"
-    before = (crt.read_bytes(), crt.stat().st_ino, (cluster.out / "apl.key").read_bytes())
+    crt = cluster.out / "cl.crt"
+    before = (crt.read_bytes(), crt.stat().st_ino, (cluster.out / "cl.key").read_bytes())
     cluster.new_csr()
 
     done = cluster.run()
@@ -261,14 +129,31 @@ def test_second_run_with_a_valid_certificate_does_nothing(cluster: Cluster) -> N
     assert done.returncode == 0, done.stderr
     assert "nothing to do" in done.stderr
     assert cluster.calls() == [], "a valid certificate needs no cluster access"
-    after = (crt.read_bytes(), crt.stat().st_ino, (cluster.out / "apl.key").read_bytes())
+    after = (crt.read_bytes(), crt.stat().st_ino, (cluster.out / "cl.key").read_bytes())
     assert after == before
+
+
+def test_quiet_prints_nothing_on_success(cluster: Cluster) -> None:
+    done = cluster.run("--quiet")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    cluster.new_csr()
+    done = cluster.run("-q")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert cluster.calls() == []
+
+
+def test_quiet_still_reports_failures(cluster: Cluster) -> None:
+    cluster.mode = "deny"
+    done = cluster.run("--quiet")
+    assert done.returncode == 1
+    assert "was Denied" in done.stderr
 
 
 def test_certificate_near_expiry_is_renewed(cluster: Cluster) -> None:
     cluster.days = 10
     assert cluster.run().returncode == 0
-    old = (cluster.out / "apl.crt").read_bytes()
+    crt = cluster.out / "cl.crt"
+    old, old_version = crt.read_bytes(), assert_published(cluster.out)
     cluster.new_csr()
     # Ten days left is more than a five-day threshold: nothing to do.
     assert cluster.run("--renew-before", "5").returncode == 0
@@ -278,9 +163,116 @@ def test_certificate_near_expiry_is_renewed(cluster: Cluster) -> None:
     done = cluster.run()  # default threshold: 30 days
 
     assert done.returncode == 0, done.stderr
-    assert (cluster.out / "apl.crt").read_bytes() != old
-    assert "restart kap" in done.stderr
-    assert_no_key_without_certificate(cluster.out, ["apl.crt", "apl.key"])
+    assert crt.read_bytes() != old
+    assert serial(crt) == 4243, "the second certificate the cluster issued"
+    # A new version directory replaced the old one: kap's directory mount sees
+    # new inodes behind the same names, so nobody has to restart it.
+    assert assert_published(cluster.out) != old_version
+    assert "restart" not in done.stderr
+    assert "next connection" in done.stderr
+
+
+def test_a_renewal_switches_certificate_and_key_in_one_rename(cluster: Cluster) -> None:
+    """Every name kap reads goes through ..data: one rename, never a mixed pair."""
+    cluster.days = 10
+    assert cluster.run().returncode == 0
+    cluster.new_csr()
+    cluster.days = 365
+    assert cluster.run().returncode == 0
+    version = assert_published(cluster.out)
+    for name in FILES:
+        assert (cluster.out / name).resolve() == (version / name).resolve()
+    crt, key = cluster.out / "cl.crt", cluster.out / "cl.key"
+    assert openssl("x509", "-in", str(crt), "-noout", "-pubkey") == openssl(
+        "pkey", "-in", str(key), "-pubout"
+    )
+
+
+def test_a_changed_cluster_ca_is_copied_without_a_new_certificate(cluster: Cluster) -> None:
+    assert cluster.run().returncode == 0
+    crt_before = (cluster.out / "cl.crt").read_bytes()
+    cluster.new_csr()
+    rotated = trustme.CA().cert_pem.bytes()
+    cluster.ca_pem.write_bytes(rotated)
+
+    done = cluster.run()
+
+    assert done.returncode == 0, done.stderr
+    assert cluster.calls() == [], "the certificate is still good: no request"
+    assert "updated" in done.stderr
+    assert (cluster.out / "ca.crt").read_bytes() == rotated
+    assert (cluster.out / "cl.crt").read_bytes() == crt_before
+    assert_published(cluster.out)
+
+
+def test_a_pair_from_an_earlier_version_is_adopted(cluster: Cluster) -> None:
+    """Versions before the directory mount wrote apl.crt and apl.key."""
+    assert cluster.run().returncode == 0
+    legacy = cluster.root / "legacy"
+    legacy.mkdir()
+    for old, new in (("cl.crt", "apl.crt"), ("cl.key", "apl.key")):
+        shutil.copyfile(cluster.out / old, legacy / new)
+    cluster.new_csr()
+
+    done = cluster.run("--out-dir", str(legacy))
+
+    assert done.returncode == 0, done.stderr
+    assert cluster.calls() == [], "a valid pair needs no new certificate"
+    assert (legacy / "cl.crt").read_bytes() == (legacy / "apl.crt").read_bytes()
+    assert (legacy / "cl.key").read_bytes() == (legacy / "apl.key").read_bytes()
+    assert "delete the apl.* files" in done.stderr
+
+
+def test_a_pair_made_elsewhere_is_installed_without_cluster_access(cluster: Cluster) -> None:
+    """Nodes without an admin kubeconfig: issue elsewhere, copy, install with --from."""
+    assert cluster.run().returncode == 0
+    copied = cluster.root / "copied"
+    copied.mkdir()
+    for name in ("cl.crt", "cl.key"):  # what scp or cp -L leave: plain files
+        shutil.copyfile(cluster.out / name, copied / name)
+    node = cluster.root / "node"
+    cluster.new_csr()
+
+    done = cluster.run("--out-dir", str(node), "--from", str(copied))
+
+    assert done.returncode == 0, done.stderr
+    assert cluster.calls() == []
+    assert_published(node)
+    for name in ("cl.crt", "cl.key"):
+        assert (node / name).read_bytes() == (copied / name).read_bytes()
+    assert (node / "ca.crt").read_bytes() == cluster.ca_pem.read_bytes()
+    again = cluster.run("--out-dir", str(node), "--from", str(copied))
+    assert "nothing to do" in again.stderr
+
+
+def test_from_refuses_a_mismatched_pair(cluster: Cluster) -> None:
+    assert cluster.run().returncode == 0
+    copied = cluster.root / "copied"
+    copied.mkdir()
+    shutil.copyfile(cluster.out / "cl.crt", copied / "cl.crt")
+    (copied / "cl.key").write_text(trustme.CA().issue_cert("x").private_key_pem.bytes().decode())
+    node = cluster.root / "node"
+
+    done = cluster.run("--out-dir", str(node), "--from", str(copied))
+
+    assert done.returncode == 1
+    assert "not a matching, unexpired pair" in done.stderr
+    assert_no_key_without_certificate(node)
+
+
+def test_a_missing_cluster_ca_fails_before_any_request(cluster: Cluster) -> None:
+    done = cluster.run("--ca-file", str(cluster.root / "no-such-ca.crt"))
+    assert done.returncode == 1
+    assert "cannot read the cluster CA certificate" in done.stderr
+    assert "--ca-file" in done.stderr
+    assert cluster.calls() == []
+    assert not cluster.out.exists()
+
+
+def test_out_dir_with_a_trailing_slash(cluster: Cluster) -> None:
+    done = cluster.run("--out-dir", f"{cluster.out}/")
+    assert done.returncode == 0, done.stderr
+    assert_published(cluster.out)
 
 
 def test_no_approve_waits_for_someone_else_to_approve(cluster: Cluster) -> None:
@@ -371,19 +363,30 @@ def test_certificate_for_another_key_is_refused(cluster: Cluster) -> None:
 def test_failed_renewal_keeps_the_old_pair(cluster: Cluster) -> None:
     cluster.days = 10
     assert cluster.run().returncode == 0
-    old = {p.name: p.read_bytes() for p in cluster.out.iterdir()}
+    old = {p.name: p.read_bytes() for p in cluster.out.iterdir() if p.is_file()}
+    old_version = assert_published(cluster.out)
     cluster.new_csr()
     cluster.mode = "deny"
 
     assert cluster.run().returncode == 1
 
-    assert {p.name: p.read_bytes() for p in cluster.out.iterdir()} == old
+    assert {p.name: p.read_bytes() for p in cluster.out.iterdir() if p.is_file()} == old
+    assert assert_published(cluster.out) == old_version
 
 
 def test_killed_while_waiting_leaves_no_key(cluster: Cluster) -> None:
     cluster.mode = "never"
     proc = subprocess.Popen(
-        ["bash", str(SCRIPT), "--out-dir", str(cluster.out), "--timeout", "60"],
+        [
+            "bash",
+            str(SCRIPT),
+            "--out-dir",
+            str(cluster.out),
+            "--ca-file",
+            str(cluster.ca_pem),
+            "--timeout",
+            "60",
+        ],
         env=cluster.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -394,6 +397,8 @@ def test_killed_while_waiting_leaves_no_key(cluster: Cluster) -> None:
         while "get certificatesigningrequest" not in cluster.verbs():
             assert time.monotonic() < deadline, "the script never started waiting"
             time.sleep(0.05)
+        # The static pod waits for the directory: it must not appear empty.
+        assert not cluster.out.exists()
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     finally:
@@ -436,6 +441,9 @@ def test_help_lists_every_option() -> None:
     assert done.returncode == 0
     for option in (
         "--out-dir",
+        "--ca-file",
+        "--quiet",
+        "--from",
         "--cn",
         "--group",
         "--kubectl",
