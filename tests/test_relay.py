@@ -27,11 +27,16 @@ from hypothesis import strategies as st
 
 from kap.relay import (
     BUFFER_SIZE,
-    CONNECT_TIMEOUT,
     PIPE_POOL_MAX,
+    DialFailed,
+    DialFailure,
+    Ending,
+    Outcome,
     Relay,
+    Relayed,
     RelayNotRunningError,
     RelayResult,
+    Side,
 )
 
 MiB = 1024 * 1024
@@ -73,15 +78,20 @@ def make_wire() -> Wire:
 async def serve(relay: Relay, wire: Wire) -> RelayResult:
     """What the proxy does: relay, then close both sockets whatever happened."""
     try:
-        return await relay.relay(wire.csock, wire.usock)
+        return relayed(await relay.relay(wire.csock, wire.usock))
     finally:
         wire.csock.close()
         wire.usock.close()
 
 
+def relayed(result: Outcome) -> RelayResult:
+    assert isinstance(result, Relayed), result
+    return result.result
+
+
 @contextlib.asynccontextmanager
-async def running_relay() -> AsyncIterator[Relay]:
-    relay = Relay()
+async def running_relay(*, splice: bool = hasattr(os, "splice")) -> AsyncIterator[Relay]:
+    relay = Relay(splice=splice)
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)
         yield relay
@@ -168,6 +178,7 @@ async def test_random_data_arrives_intact_both_ways_through_concurrent_sessions(
             assert [g[0] for g in got_up] == [sha(d) for d in ups]
             assert [g[0] for g in got_down] == [sha(d) for d in downs]
             assert all(r.error is None and r.errored_side is None for r in results)
+            assert all(r.ending is Ending.CLOSED for r in results)
             assert sorted(r.bytes_up for r in results) == sorted(len(d) for d in ups)
             assert sorted(r.bytes_down for r in results) == sorted(len(d) for d in downs)
             assert relay.bytes_up == sum(map(len, ups))
@@ -267,8 +278,7 @@ def test_any_chunking_timing_and_half_close_order_is_lossless(
 
     async def main() -> None:
         with trio.fail_after(30):
-            async with running_relay() as relay:
-                relay._splice = scenario.splice
+            async with running_relay(splice=scenario.splice) as relay:
                 w = make_wire()
                 got_up: list[str] = []
                 got_down: list[str] = []
@@ -285,7 +295,7 @@ def test_any_chunking_timing_and_half_close_order_is_lossless(
                     n.start_soon(digest_until_eof, w.client, got_down, scenario.read_limit)
                 assert got_up == [sha(b"".join(up))]
                 assert got_down == [sha(b"".join(down))]
-                assert results[0] == RelayResult(sum(map(len, up)), sum(map(len, down)), None, None)
+                assert results[0] == RelayResult(sum(map(len, up)), sum(map(len, down)))
                 await w.aclose_ends()
 
     trio.run(main)
@@ -299,8 +309,7 @@ async def test_bulk_transfer_both_ways_arrives_intact(splice: bool) -> None:
     size = 64 * MiB if splice else 16 * MiB
     up, down = os.urandom(size), os.urandom(size)
     with trio.fail_after(30):
-        async with running_relay() as relay:
-            relay._splice = splice
+        async with running_relay(splice=splice) as relay:
             w = make_wire()
             got_up: list[str] = []
             got_down: list[str] = []
@@ -327,7 +336,7 @@ async def test_bulk_transfer_both_ways_arrives_intact(splice: bool) -> None:
                 n.cancel_scope.cancel()
             assert got_up == [sha(up)]
             assert got_down == [sha(down)]
-            assert results == [RelayResult(size, size, None, None)]
+            assert results == [RelayResult(size, size)]
             if splice:
                 assert relay.bytes_spliced > 0, "a bulk direction should have switched to splice"
             else:
@@ -368,7 +377,7 @@ async def test_slow_reader_holds_back_the_writer_without_losing_bytes() -> None:
                 await w.upstream.send_eof()
                 assert await w.client.receive_some(10) == b""
             assert got == [sha(data)]
-            assert results == [RelayResult(len(data), 0, None, None)]
+            assert results == [RelayResult(len(data), 0)]
             await w.aclose_ends()
 
 
@@ -404,7 +413,8 @@ async def test_reset_on_one_side_resets_the_other(side: str) -> None:
                 resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
                 await resetter.aclose()
             assert results[0].error == f"{side} reset"
-            assert results[0].errored_side == side
+            assert results[0].errored_side is Side(side)
+            assert results[0].ending is Ending.FAILED
             assert (results[0].bytes_up, results[0].bytes_down) == (
                 (0, 5) if side == "upstream" else (5, 0)
             )
@@ -436,7 +446,7 @@ async def test_upstream_reset_while_data_is_pending_resets_the_client() -> None:
                 await trio.sleep(0.2)  # the upstream never reads: everything backs up
                 w.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
                 await w.upstream.aclose()
-            assert results[0].errored_side == "upstream"
+            assert results[0].errored_side is Side.UPSTREAM
             assert results[0].error == "upstream reset"
             # The blocked send is the first to learn of the client's reset.
             assert len(flood_errors) == 1
@@ -460,7 +470,7 @@ async def test_reset_after_fin_is_noticed_while_the_other_side_is_idle() -> None
                 assert await w.client.receive_some(10) == b""
                 w.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
                 await w.upstream.aclose()
-            assert results[0] == RelayResult(0, 0, "upstream reset", "upstream")
+            assert results[0] == RelayResult(0, 0, Ending.FAILED, Side.UPSTREAM, "upstream reset")
             # The client already had a FIN, so Linux reports the RST to its next
             # write (EPIPE in CLOSE_WAIT), not to reads.
             await trio.sleep(0.01)
@@ -512,7 +522,7 @@ async def test_cancelled_relay_unregisters_both_sockets_and_returns_its_pipes() 
                 for w in wires:
                     await w.aclose_ends()
             # Only pooled (empty) pipes remain, two fds each.
-            assert fd_count() - with_relay == 2 * len(relay._pipes) <= 2 * PIPE_POOL_MAX
+            assert fd_count() - with_relay == 2 * relay.pipes.idle <= 2 * PIPE_POOL_MAX
         assert fd_count() == baseline
 
 
@@ -573,7 +583,7 @@ async def test_stopping_run_ends_open_sessions_promptly() -> None:
             await trio.sleep(0.05)
             assert relay.active == 5
             pump.cancel_scope.cancel()
-        assert results == [RelayResult(1, 0, "relay stopped", None)] * 5
+        assert results == [RelayResult(1, 0, Ending.STOPPED, None, "relay stopped")] * 5
         assert relay.active == 0
         late = make_wire()
         with pytest.raises(RelayNotRunningError):
@@ -722,7 +732,7 @@ async def test_unix_socketpairs_relay_too() -> None:
                 n.start_soon(digest_until_eof, w.client, got_down)
             assert got_up == [sha(data)]
             assert got_down == [sha(b"bye")]
-            assert results == [RelayResult(len(data), 3, None, None)]
+            assert results == [RelayResult(len(data), 3)]
             await w.aclose_ends()
 
 
@@ -752,25 +762,19 @@ async def test_dial_through_the_pump_connects_then_relays_both_ways() -> None:
         async with running_relay() as relay, trio.open_nursery() as n:
             await client.send_all(b"sent before the upstream answered")
             usock = connecting_socket(listener.getsockname())
-            connected: list[int] = []
-            results: list[RelayResult] = []
+            results: list[Outcome] = []
 
             async def caller() -> None:
                 try:
                     results.append(
-                        await relay.relay(
-                            csock,
-                            usock,
-                            connect_by=trio.current_time() + 5,
-                            on_connected=lambda: connected.append(relay.bytes_up),
-                        )
+                        await relay.relay(csock, usock, connect_by=trio.current_time() + 5)
                     )
                 finally:
                     csock.close()
                     usock.close()
 
             n.start_soon(caller)
-            await wait_for(lambda: connected == [0])  # before any byte moved
+            await wait_for(lambda: relay.dialing == 0)
             end, _ = listener.accept()
             upstream = trio.SocketStream(trio.socket.from_stdlib_socket(end))
             assert await upstream.receive_some(100) == b"sent before the upstream answered"
@@ -781,8 +785,9 @@ async def test_dial_through_the_pump_connects_then_relays_both_ways() -> None:
             await upstream.aclose()
             assert await client.receive_some(100) == b""
             await client.aclose()
-        assert results == [RelayResult(33, 6, None, None)]
-        assert relay._dialing == {} and relay._by_fd == {}
+        assert [relayed(r) for r in results] == [RelayResult(33, 6)]
+        assert isinstance(results[0], Relayed) and results[0].connected_at is not None
+        assert relay.dialing == 0 and relay._by_fd == {}
 
 
 async def test_refused_dial_through_the_pump_leaves_the_client_for_the_next_try() -> None:
@@ -795,19 +800,14 @@ async def test_refused_dial_through_the_pump_leaves_the_client_for_the_next_try(
                 await w.client.send_all(b"kept for the next upstream")
                 dead = connecting_socket(refused)
                 try:
-                    result = await relay.relay(
-                        w.csock,
-                        dead,
-                        connect_by=trio.current_time() + 5,
-                        on_connected=lambda: pytest.fail("never connected"),
-                    )
+                    result = await relay.relay(w.csock, dead, connect_by=trio.current_time() + 5)
                 finally:
                     dead.close()
-                assert result == RelayResult(0, 0, "Connection refused", "upstream", True)
-                assert relay.active == 0 and relay._dialing == {}
+                assert result == DialFailed(DialFailure.ERROR, "Connection refused")
+                assert relay.active == 0 and relay.dialing == 0
                 assert epoll_registrations(relay) == 0
                 # The client socket is untouched: the next upstream gets its bytes.
-                assert await serve_and_check(relay, w) == RelayResult(26, 0, None, None)
+                assert await serve_and_check(relay, w) == RelayResult(26, 0)
 
 
 async def serve_and_check(relay: Relay, w: Wire) -> RelayResult:
@@ -837,7 +837,7 @@ async def test_dial_through_the_pump_times_out_at_connect_by() -> None:
         with trio.fail_after(10):
             async with running_relay() as relay:
                 hanging = [connecting_socket(full.getsockname()) for _ in range(3)]
-                results: dict[int, RelayResult] = {}
+                results: dict[int, Outcome] = {}
                 started = trio.current_time()
 
                 async def dial(i: int, after: float) -> None:
@@ -855,9 +855,9 @@ async def test_dial_through_the_pump_times_out_at_connect_by() -> None:
                 for sock in hanging:
                     sock.close()
                 assert set(results.values()) == {
-                    RelayResult(0, 0, CONNECT_TIMEOUT, "upstream", True)
+                    DialFailed(DialFailure.TIMEOUT, "connect timed out")
                 }
-                assert relay.active == 0 and relay._dialing == {}
+                assert relay.active == 0 and relay.dialing == 0
         for s in queued:
             s.close()
         w.csock.close()
@@ -877,7 +877,7 @@ async def test_cancelled_dial_through_the_pump_unregisters_the_upstream() -> Non
                 with trio.move_on_after(0.2) as scope:
                     await relay.relay(w.csock, hanging, connect_by=trio.current_time() + 5)
                 assert scope.cancelled_caught
-                assert relay.active == 0 and relay._dialing == {}
+                assert relay.active == 0 and relay.dialing == 0
                 assert epoll_registrations(relay) == 0
                 hanging.close()
         for s in queued:
