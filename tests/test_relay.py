@@ -1,21 +1,18 @@
-"""The byte pump, through real TCP sockets on 127.0.0.1.
+"""The byte pump (kap/relay/pump.py, direction.py), through real sockets on 127.0.0.1.
 
-Each session is four sockets: the client application's end and the relayed
-client socket (one TCP connection), the relayed upstream socket and the upstream
-server's end (another). The test plays the caller (kap/proxy.py): it hands the
-two relayed sockets to ``Relay.relay`` and closes them afterwards.
+Each session is four sockets (see tests/relaytest.py); the test plays the
+caller (kap/proxy.py): it hands the two relayed sockets to ``Relay.relay`` and
+closes them afterwards. Dialing through the pump: tests/test_relay_dials.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
-import select
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import attrs
 import pytest
@@ -24,119 +21,30 @@ import trio.lowlevel
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from relaytest import (
+    MiB,
+    Wire,
+    chunks,
+    digest_until_eof,
+    epoll_registrations,
+    fd_count,
+    make_wire,
+    running_relay,
+    send_then_eof,
+    serve,
+    sha,
+    tcp_pair,
+)
 
 from kap.relay import (
     BUFFER_SIZE,
     PIPE_POOL_MAX,
-    DialFailed,
-    DialFailure,
     Ending,
-    Outcome,
     Relay,
-    Relayed,
     RelayNotRunningError,
     RelayResult,
     Side,
 )
-
-MiB = 1024 * 1024
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected loopback TCP pair on a kernel-chosen port."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        a = socket.create_connection(listener.getsockname())
-        b, _ = listener.accept()
-    return a, b
-
-
-@attrs.define
-class Wire:
-    client: trio.SocketStream  # the client application's end
-    upstream: trio.SocketStream  # the upstream server's end
-    csock: socket.socket  # relayed, owned by the caller
-    usock: socket.socket  # relayed, owned by the caller
-
-    async def aclose_ends(self) -> None:
-        await self.client.aclose()
-        await self.upstream.aclose()
-
-
-def make_wire() -> Wire:
-    client_end, csock = tcp_pair()
-    usock, upstream_end = tcp_pair()
-    csock.setblocking(False)
-    usock.setblocking(False)
-    return Wire(
-        trio.SocketStream(trio.socket.from_stdlib_socket(client_end)),
-        trio.SocketStream(trio.socket.from_stdlib_socket(upstream_end)),
-        csock,
-        usock,
-    )
-
-
-async def serve(relay: Relay, wire: Wire) -> RelayResult:
-    """What the proxy does: relay, then close both sockets whatever happened."""
-    try:
-        return relayed(await relay.relay(wire.csock, wire.usock))
-    finally:
-        wire.csock.close()
-        wire.usock.close()
-
-
-def relayed(result: Outcome) -> RelayResult:
-    assert isinstance(result, Relayed), result
-    return result.result
-
-
-@contextlib.asynccontextmanager
-async def running_relay(*, splice: bool = hasattr(os, "splice")) -> AsyncIterator[Relay]:
-    relay = Relay(splice=splice)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
-        yield relay
-        nursery.cancel_scope.cancel()
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def epoll_registrations(relay: Relay) -> int:
-    """Sockets registered in the pump's epoll set, as the kernel lists them."""
-    assert relay._epoll is not None
-    with open(f"/proc/self/fdinfo/{relay._epoll.fileno()}") as f:
-        return sum(1 for line in f if line.startswith("tfd:"))
-
-
-def chunks(data: bytes, rng: random.Random, largest: int) -> list[bytes]:
-    out = []
-    i = 0
-    while i < len(data):
-        n = rng.randint(1, largest)
-        out.append(data[i : i + n])
-        i += n
-    return out
-
-
-async def send_then_eof(stream: trio.SocketStream, pieces: list[bytes], pause: float = 0) -> None:
-    for piece in pieces:
-        await stream.send_all(piece)
-        if pause:
-            await trio.sleep(pause)
-    await stream.send_eof()
-
-
-async def digest_until_eof(stream: trio.SocketStream, into: list[str], limit: int = MiB) -> None:
-    h = hashlib.sha256()
-    while data := await stream.receive_some(limit):
-        h.update(data)
-    into.append(h.hexdigest())
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
 
 # -- bytes arrive intact -------------------------------------------------------
 
@@ -734,159 +642,3 @@ async def test_unix_socketpairs_relay_too() -> None:
             assert got_down == [sha(b"bye")]
             assert results == [RelayResult(len(data), 3)]
             await w.aclose_ends()
-
-
-# -- dialing through the pump (relay(..., connect_by=...)) -----------------------
-
-
-def fill_accept_queue(listener: socket.socket) -> list[socket.socket]:
-    """Connects that fill a ``listen(0)`` queue, so later SYNs are dropped (a dial hangs)."""
-    queued = [connecting_socket(listener.getsockname()) for _ in range(3)]
-    _, writable, _ = select.select([], queued, [], 1.0)  # the ones that got in
-    assert writable
-    return queued
-
-
-def connecting_socket(address: tuple[str, int]) -> socket.socket:
-    """A non-blocking socket whose connect() to ``address`` has begun, as the proxy's."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    sock.connect_ex(address)
-    return sock
-
-
-async def test_dial_through_the_pump_connects_then_relays_both_ways() -> None:
-    client_end, csock = tcp_pair()
-    csock.setblocking(False)
-    client = trio.SocketStream(trio.socket.from_stdlib_socket(client_end))
-    with socket.create_server(("127.0.0.1", 0)) as listener, trio.fail_after(10):
-        async with running_relay() as relay, trio.open_nursery() as n:
-            await client.send_all(b"sent before the upstream answered")
-            usock = connecting_socket(listener.getsockname())
-            results: list[Outcome] = []
-
-            async def caller() -> None:
-                try:
-                    results.append(
-                        await relay.relay(csock, usock, connect_by=trio.current_time() + 5)
-                    )
-                finally:
-                    csock.close()
-                    usock.close()
-
-            n.start_soon(caller)
-            await wait_for(lambda: relay.dialing == 0)
-            end, _ = listener.accept()
-            upstream = trio.SocketStream(trio.socket.from_stdlib_socket(end))
-            assert await upstream.receive_some(100) == b"sent before the upstream answered"
-            await upstream.send_all(b"answer")
-            assert await client.receive_some(100) == b"answer"
-            await client.send_eof()
-            assert await upstream.receive_some(100) == b""
-            await upstream.aclose()
-            assert await client.receive_some(100) == b""
-            await client.aclose()
-        assert [relayed(r) for r in results] == [RelayResult(33, 6)]
-        assert isinstance(results[0], Relayed) and results[0].connected_at is not None
-        assert relay.dialing == 0 and relay._by_fd == {}
-
-
-async def test_refused_dial_through_the_pump_leaves_the_client_for_the_next_try() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        refused = s.getsockname()  # bound, not listening
-        w = make_wire()
-        with trio.fail_after(10):
-            async with running_relay() as relay:
-                await w.client.send_all(b"kept for the next upstream")
-                dead = connecting_socket(refused)
-                try:
-                    result = await relay.relay(w.csock, dead, connect_by=trio.current_time() + 5)
-                finally:
-                    dead.close()
-                assert result == DialFailed(DialFailure.ERROR, "Connection refused")
-                assert relay.active == 0 and relay.dialing == 0
-                assert epoll_registrations(relay) == 0
-                # The client socket is untouched: the next upstream gets its bytes.
-                assert await serve_and_check(relay, w) == RelayResult(26, 0)
-
-
-async def serve_and_check(relay: Relay, w: Wire) -> RelayResult:
-    async with trio.open_nursery() as n:
-        results: list[RelayResult] = []
-
-        async def run() -> None:
-            results.append(await serve(relay, w))
-
-        n.start_soon(run)
-        assert await w.upstream.receive_some(100) == b"kept for the next upstream"
-        await w.upstream.send_eof()
-        await w.client.send_eof()
-        assert await w.client.receive_some(100) == b""
-        assert await w.upstream.receive_some(100) == b""
-    await w.aclose_ends()
-    return results[0]
-
-
-async def test_dial_through_the_pump_times_out_at_connect_by() -> None:
-    # A listener whose accept queue is full drops further SYNs: a connect hangs.
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        queued = fill_accept_queue(full)
-        w = make_wire()
-        with trio.fail_after(10):
-            async with running_relay() as relay:
-                hanging = [connecting_socket(full.getsockname()) for _ in range(3)]
-                results: dict[int, Outcome] = {}
-                started = trio.current_time()
-
-                async def dial(i: int, after: float) -> None:
-                    results[i] = await relay.relay(
-                        socket.socket(fileno=os.dup(w.csock.fileno())) if i else w.csock,
-                        hanging[i],
-                        connect_by=started + after,
-                    )
-                    assert trio.current_time() - started == pytest.approx(after, abs=0.15)
-
-                async with trio.open_nursery() as n:
-                    # Later deadlines first: the expiry task must wake for the earliest.
-                    for i, after in ((0, 0.6), (1, 0.4), (2, 0.2)):
-                        n.start_soon(dial, i, after)
-                for sock in hanging:
-                    sock.close()
-                assert set(results.values()) == {
-                    DialFailed(DialFailure.TIMEOUT, "connect timed out")
-                }
-                assert relay.active == 0 and relay.dialing == 0
-        for s in queued:
-            s.close()
-        w.csock.close()
-        w.usock.close()
-        await w.aclose_ends()
-
-
-async def test_cancelled_dial_through_the_pump_unregisters_the_upstream() -> None:
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        queued = fill_accept_queue(full)
-        w = make_wire()
-        with trio.fail_after(10):
-            async with running_relay() as relay:
-                hanging = connecting_socket(full.getsockname())
-                with trio.move_on_after(0.2) as scope:
-                    await relay.relay(w.csock, hanging, connect_by=trio.current_time() + 5)
-                assert scope.cancelled_caught
-                assert relay.active == 0 and relay.dialing == 0
-                assert epoll_registrations(relay) == 0
-                hanging.close()
-        for s in queued:
-            s.close()
-        w.csock.close()
-        w.usock.close()
-        await w.aclose_ends()
-
-
-async def wait_for(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await trio.sleep(0.01)
