@@ -6,7 +6,10 @@ connection is one task in that nursery with a cancel scope of its own
 closes both sockets however it ends. The dial's wait is the relay's: the task
 begins a non-blocking connect and hands the connecting socket to the pump,
 which watches it in its own epoll set, enforces the dial deadline and starts
-relaying once it connects, so the task sleeps once per upstream it tries.
+relaying once it connects, so the task sleeps once per upstream it tries. What
+happened comes back as the relay's typed outcome (kap/relay/outcome.py): the
+pump calls nobody back, so the task counts the connection as its upstream's
+from the start of each dial (``Proxy.connections_to``, the pool's counts).
 Cancelling the scope (drain of an upstream, removal, shutdown) ends exactly
 that connection. A nursery per connection would hold exactly one child
 here; the task's own scope gives the same ownership without the cost.
