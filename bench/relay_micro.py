@@ -275,7 +275,7 @@ async def run_case(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                     tracemalloc.stop()
                     out["fds_per_conn"] = (len(os.listdir("/proc/self/fd")) - fds0) / conns
                     out["relay_bytes_per_conn"] = round(grown / conns)
-                    out["pipes_in_use"] = relay.pipes_in_use
+                    out["pipes_in_use"] = relay.pipes.in_use
                     proc.stdin.write("\n")
                     proc.stdin.flush()
                 out["spliced_share"] = round(

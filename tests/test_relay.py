@@ -230,7 +230,7 @@ async def test_bulk_transfer_both_ways_arrives_intact(splice: bool) -> None:
             async def watch_pipes() -> None:
                 nonlocal most_pipes
                 while True:
-                    most_pipes = max(most_pipes, relay.pipes_in_use)
+                    most_pipes = max(most_pipes, relay.pipes.in_use)
                     await trio.lowlevel.checkpoint()
 
             async with trio.open_nursery() as n:
@@ -249,7 +249,7 @@ async def test_bulk_transfer_both_ways_arrives_intact(splice: bool) -> None:
                 assert relay.bytes_spliced > 0, "a bulk direction should have switched to splice"
             else:
                 assert relay.bytes_spliced == most_pipes == 0
-            assert relay.pipes_in_use == 0
+            assert relay.pipes.in_use == 0
             await w.aclose_ends()
 
 
@@ -279,7 +279,7 @@ async def test_slow_reader_holds_back_the_writer_without_losing_bytes() -> None:
                 # most one read or one pipe, so the client is still blocked.
                 assert not sent.is_set()
                 assert relay.bytes_up < 24 * MiB
-                assert relay.pipes_in_use <= 1
+                assert relay.pipes.in_use <= 1
                 # Now a reader of small pieces: many stop-and-go cycles.
                 await digest_until_eof(w.upstream, got, 65536)
                 await w.upstream.send_eof()
@@ -425,7 +425,7 @@ async def test_cancelled_relay_unregisters_both_sockets_and_returns_its_pipes() 
                 await trio.sleep(0.05)
                 assert cancelled == 8
                 assert relay.active == 0
-                assert relay.pipes_in_use == 0
+                assert relay.pipes.in_use == 0
                 assert epoll_registrations(relay) == 0
                 for w in wires:
                     await w.aclose_ends()
@@ -449,7 +449,7 @@ async def test_idle_sessions_hold_two_fds_each_and_no_pipes() -> None:
                     got += await w.upstream.receive_some(MiB)
                 assert got == blob
                 await trio.sleep(0.05)
-                assert relay.pipes_in_use == 0
+                assert relay.pipes.in_use == 0
                 await w.aclose_ends()
 
             before = fd_count()
@@ -463,7 +463,7 @@ async def test_idle_sessions_hold_two_fds_each_and_no_pipes() -> None:
                     assert await w.upstream.receive_some(10) == b"ping"
                     assert await w.client.receive_some(10) == b"pong"
                 assert relay.active == sessions
-                assert relay.pipes_in_use == 0
+                assert relay.pipes.in_use == 0
                 assert epoll_registrations(relay) == 2 * sessions
                 # The two relayed sockets plus the test's two ends: no pipes.
                 assert fd_count() - before == 4 * sessions

@@ -52,8 +52,8 @@ from kap.relay.outcome import (
 from kap.relay.pipes import Pipe, PipePool
 
 # 256 KiB: reads of 256 KiB or more make Python's per-call cost negligible for
-# bulk transfers (measured when the pump was designed). A read that fills the whole buffer
-# marks a direction as bulk, which switches it to splice.
+# bulk transfers (measured when the pump was designed). A read that fills the
+# whole buffer marks a direction as bulk, which switches it to splice.
 BUFFER_SIZE: Final = 256 * 1024
 
 # A spliced burst (bytes from taking a pipe until the socket ran dry) shorter

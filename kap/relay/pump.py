@@ -1,16 +1,17 @@
 """The byte pump: one task relays the bytes of every proxied connection.
 
 Why one shared pump instead of a task per direction (measured when the pump
-was designed; bench/relay_micro.py compares designs of the pump): with a task per direction every event pays a one-shot
-epoll re-arm, a pass through trio's run loop, a task switch and a read that
-finds nothing, 90-120 us of CPU per request/response, and every connection
-holds 10-14 KB of task state. Here one task owns an edge-triggered epoll set
-for all relayed sockets, wakes when that set's fd becomes readable, and drains
-events in batches: a socket is registered once for its whole life and never
-re-armed, and an idle connection costs its two socket fds plus about 1 KB of
-``__slots__`` objects. Each connection's own task (kap/proxy.py) keeps owning
-the connection's lifetime: it sleeps in :meth:`Relay.relay` and closes both
-sockets when that returns or is cancelled.
+was designed; bench/relay_micro.py compares designs of the pump): with a task
+per direction every event pays a one-shot epoll re-arm, a pass through trio's
+run loop, a task switch and a read that finds nothing, 90-120 us of CPU per
+request/response, and every connection holds 10-14 KB of task state. Here one
+task owns an edge-triggered epoll set for all relayed sockets, wakes when that
+set's fd becomes readable, and drains events in batches: a socket is
+registered once for its whole life and never re-armed, and an idle connection
+costs its two socket fds plus about 1 KB of ``__slots__`` objects. Each
+connection's own task (kap/proxy.py) keeps owning the connection's lifetime:
+it sleeps in :meth:`Relay.relay` and closes both sockets when that returns or
+is cancelled.
 
 The rules that keep the pump honest:
 
@@ -119,7 +120,7 @@ class Relay:
     connection's two sockets to :meth:`relay` from the connection's own task.
     ``bytes_up``/``bytes_down`` (totals since start), ``active`` (sessions
     registered) and ``dialing`` (of those, upstreams still connecting) are
-    updated live for /metrics; ``pipes_in_use`` counts pipes held by
+    updated live for /metrics; ``pipes.in_use`` counts pipes held by
     directions with bytes in flight (idle sessions hold none) and
     ``bytes_spliced`` how many of all bytes went through a pipe.
 
@@ -141,10 +142,6 @@ class Relay:
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, Direction] = {}  # fd -> the direction reading it
         self._dials = DialDeadlines()
-
-    @property
-    def pipes_in_use(self) -> int:
-        return self.pipes.in_use
 
     @property
     def dialing(self) -> int:
