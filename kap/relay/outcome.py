@@ -106,7 +106,7 @@ class DialFailed:
     error: str
 
 
-Outcome: TypeAlias = "Relayed | DialFailed"
+Outcome: TypeAlias = Relayed | DialFailed
 
 
 class RelayNotRunningError(RuntimeError):
