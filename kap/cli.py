@@ -19,6 +19,7 @@ import trio
 
 from kap import logs
 from kap.build import build_info
+from kap.check import command as check_command
 from kap.config import OPTIONS, ConfigError, Option, parse_config
 from kap.credentials import check_files
 from kap.status import command as status_command
@@ -97,17 +98,22 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     ctx.exit()
 
 
-def _command() -> click.Command:
-    func: Any = run
+def kap_options(func: Any) -> Any:
+    """kap's flags, generated from ``OPTIONS``, and ``--no-discovery``: the balancer's and
+    ``kap check``'s (which must take exactly the flags the manifest gives kap)."""
     for opt in reversed(OPTIONS):
         func = _click_option(opt)(func)
-    func = click.option(
+    return click.option(
         "--no-discovery",
         "no_discovery",
         is_flag=True,
         default=False,
         help="Same as --discovery=false.",
     )(func)
+
+
+def _command() -> click.Command:
+    func: Any = kap_options(run)
     func = click.option(
         "--version",
         is_flag=True,
@@ -136,7 +142,7 @@ def _with_subcommands(balancer: click.Command) -> click.Group:
 
     return click.Group(
         name=balancer.name,
-        commands=[status_command],
+        commands=[status_command, check_command(kap_options)],
         invoke_without_command=True,
         params=balancer.params,
         callback=callback,
