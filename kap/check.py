@@ -332,8 +332,16 @@ def command(kap_options: Callable[[Any], Any]) -> click.Command:
         from loguru import logger
 
         logger.remove()  # kap's log lines are for a running kap; the rows say it all here
+
+        def given_here(c: click.Context | None, name: str) -> bool:
+            return c is not None and c.get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+        for name in values:  # ``kap --flag X check``: the group parsed it
+            if given_here(ctx.parent, name) and not given_here(ctx, name):
+                values[name] = ctx.parent.params[name]  # type: ignore[union-attr]
+        no_discovery = no_discovery or given_here(ctx.parent, "no_discovery")
         given = any(
-            ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+            given_here(ctx, name) or given_here(ctx.parent, name)
             for name in (*values, "no_discovery")
         )
         code, out, err = check(

@@ -250,12 +250,13 @@ def render(rows: Sequence[Row], warnings: Sequence[str], output: str, settings: 
         }
         return json.dumps(doc, indent=2) + "\n"
     wide = output == "wide"
-    header = ["CHECK", "TARGET", "RESULT", "DETAIL"]
+    header = ["CHECK", "TARGET", "RESULT", *(["SOURCES"] if wide else []), "DETAIL"]
     cells = [
         [
             r.check,
             r.target,
             OK if r.ok else FAIL,
+            *([",".join(r.data.get("sources", ())) or "<none>"] if wide else []),
             r.detail if wide else shorten(r.detail, DETAIL_WIDTH),
         ]
         for r in rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -156,6 +157,45 @@ async def test_all_good_with_discovery_exits_0_and_checks_the_discovered_apiserv
     assert out.rstrip().endswith("checks passed")
 
 
+async def test_with_nothing_to_start_from_discovery_bootstraps_through_the_service(
+    start_fake: StartFake, pki: PkiFiles, slice_store: SliceStore, free_port: int
+) -> None:
+    """No flag, file or kubeconfig upstream: kap asks the kubernetes Service, so does the check."""
+    await start_fake("service", host="127.0.0.2", port=free_port, require_token=pki.token)
+    await start_fake("b", host="127.0.0.3", port=free_port, require_token=pki.token)
+    slice_store.put(endpoint_slice("k", [("127.0.0.3", True)], ports=[("https", free_port)]))
+    service = {"KUBERNETES_SERVICE_HOST": "127.0.0.2", "KUBERNETES_SERVICE_PORT": str(free_port)}
+    code, out, _ = await run_check(flags(pki), environ=service, output="json")
+    doc = json.loads(out)
+    assert (code, doc["ok"]) == (0, True), out
+    rows = [(c["check"], c["target"], c["ok"]) for c in doc["checks"][:3]]
+    assert rows == [
+        ("service", f"127.0.0.2:{free_port}", True),
+        ("upstream", f"127.0.0.3:{free_port}", True),
+        ("discovery", f"via 127.0.0.2:{free_port} (Service)", True),
+    ]
+
+
+async def test_the_fallback_files_entries_are_checked_and_a_broken_file_fails(
+    start_fake: StartFake, pki: PkiFiles, tmp_path: Path
+) -> None:
+    a = await start_fake("a", require_token=pki.token)
+    path = tmp_path / "fallback.json"
+    path.write_text(json.dumps([_hostport(a)]))
+    values = flags(pki, discovery="false", fallback_file=str(path))
+    code, out, _ = await run_check(values, output="wide")
+    assert code == 0, out
+    assert re.search(rf"^upstream +{_hostport(a)} +ok +file +/readyz 200", out, re.M), out
+    assert "1 entries; readable and writable" in out
+    path.write_text('["half')
+    code, out, _ = await run_check(values)
+    assert code == 1
+    assert [f.split(": ")[0] for f in failing(out)] == [
+        "fix upstream <none>",  # nothing else to start from
+        f"fix fallback-file {path}",
+    ]
+
+
 async def test_an_apiserver_down_exits_1_naming_it(start_fake: StartFake, pki: PkiFiles) -> None:
     a = await start_fake("a", require_token=pki.token)
     with socket.socket() as s:
@@ -259,10 +299,10 @@ def test_certificate_verdicts(what: str, days: float, ok: bool, says: str) -> No
 
 
 async def kap_check(
-    *args: str, env: dict[str, str] | None = None
+    *args: str, env: dict[str, str] | None = None, before: list[str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     done = await trio.run_process(
-        [sys.executable, "-m", "kap", "check", *args],
+        [sys.executable, "-m", "kap", *(before or []), "check", *args],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -278,6 +318,14 @@ async def test_a_bad_flag_exits_2_with_one_line() -> None:
     assert (out.returncode, out.stdout) == (2, "")
     (line,) = out.stderr.splitlines()
     assert line.startswith("kap check: invalid --dial-timeout (env DIAL_TIMEOUT): 'soon'")
+
+
+async def test_kaps_flags_before_the_subcommand_count_too(pki: PkiFiles) -> None:
+    """``kap --discovery=false check ...``: the group parsed that flag, check uses it."""
+    args = ["--fallback-upstreams", "127.0.0.1:1", "--ca-file", str(pki.ca_file)]
+    out = await kap_check(*args, before=["--discovery=false"])
+    assert out.returncode == 1 and "off on purpose (--discovery=false)" in out.stdout, out
+    assert out.stderr == ""  # no log lines: the rows say it all
 
 
 def fake_proc(root: Path, argv: list[str], environ: dict[str, str]) -> Path:
