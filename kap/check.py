@@ -290,8 +290,7 @@ def run(s: Settings, output: str, now_unix: float) -> tuple[int, str]:
         )
     )
     rows = [*rows_for(config, found, files, creds, off), *rows, file_row]
-    where = f"{s.origin}; credentials: {creds.origin}"
-    return exit_status(rows), render(rows, config.warnings, output, where)
+    return exit_status(rows), render(rows, config.warnings, output, s.origin, creds.origin)
 
 
 def check(

@@ -44,7 +44,7 @@ OK, FAIL = "ok", "FAIL"
 class Row:
     """One finding: a check, what it looked at, ok or not, and what to do when not."""
 
-    check: str  # settings, credentials, upstream, service, discovery, fallback-file
+    check: str  # upstream, service, discovery, credentials, fallback-file
     target: str
     ok: bool
     detail: str
@@ -238,13 +238,16 @@ def certificate_row(
 # ---- output ---------------------------------------------------------------------
 
 
-def render(rows: Sequence[Row], warnings: Sequence[str], output: str, settings: str) -> str:
+def render(
+    rows: Sequence[Row], warnings: Sequence[str], output: str, settings: str, credentials: str
+) -> str:
     """What ``kap check -o OUTPUT`` prints (ends with a newline)."""
     failing = [r for r in rows if not r.ok]
     if output == "json":
         doc = {
             "ok": not failing,
             "settings": settings,
+            "credentials": credentials,
             "warnings": list(warnings),
             "checks": [r.as_json() for r in rows],
         }
@@ -261,7 +264,7 @@ def render(rows: Sequence[Row], warnings: Sequence[str], output: str, settings: 
         ]
         for r in rows
     ]
-    lines = [f"settings: {settings}", *table(header, cells)]
+    lines = [f"settings: {settings}; credentials: {credentials}", *table(header, cells)]
     lines.extend(f"warning: {w}" for w in warnings)
     for r in failing:
         lines.append(f"fix {r.check} {r.target}: {r.fix or r.detail}")

@@ -19,7 +19,7 @@ import trustme
 import yaml
 from click.testing import CliRunner
 from fakeapi import FakeApiServer, PkiFiles, SliceStore, endpoint_slice
-from kaptest import StartFake
+from kaptest import StartFake, make_config
 
 from kap import check
 from kap.check_report import (
@@ -263,6 +263,7 @@ async def test_json_output_parses(start_fake: StartFake, pki: PkiFiles) -> None:
     code, out, _ = await run_check(flags(pki, a, discovery="false"), output="json")
     doc = json.loads(out)
     assert code == 0 and doc["ok"] is True
+    assert (doc["settings"], doc["credentials"]) == (check.OWN, "flags")
     (up,) = [c for c in doc["checks"] if c["check"] == "upstream"]
     assert (up["target"], up["status"], up["result"]) == (_hostport(a), 200, "ok")
     assert up["tls_server_name"] == "kubernetes.default.svc"
@@ -410,3 +411,26 @@ async def test_black_holed_upstreams_end_within_the_budget(
 def _args(pki: PkiFiles, *upstreams: FakeApiServer | str) -> list[str]:
     values = flags(pki, *upstreams, discovery="false")
     return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
+
+
+async def test_the_overall_deadline_cuts_every_row_short(autojump_clock: Any) -> None:
+    """With a --dial-timeout beyond the overall deadline, the deadline ends the run, and
+    what did not finish is reported as out of time (trio's virtual clock)."""
+    from kap.address import Address
+    from kap.check_run import Reach, check_all
+    from kap.credentials import CredentialFiles
+    from kap.sources import Credentials as Files
+
+    with black_hole() as dropped:
+        address = Address.parse(dropped)
+        reach = Reach(CredentialFiles(Files()), "", dial_timeout=100.0, request_deadline=1.0)
+        found = await check_all(
+            {address: ["flag"]}, reach=reach, discover=False, service=None, deadline=3.0
+        )
+    assert trio.current_time() == 3.0
+    assert found.upstreams == {} and found.sources == {address: ["flag"]}
+    config = make_config(None, fallback_upstreams=dropped)
+    files = CredentialFiles(config.credentials)
+    rows = check.rows_for(config, found, files, check.credentials_of(files), ())
+    assert (rows[0].target, rows[0].ok) == (dropped, False)
+    assert rows[0].detail == f"TCP connect failed: {check.OUT_OF_TIME}"
