@@ -77,7 +77,8 @@ OUT_OF_TIME = "the check ran out of time"
 
 
 def readable(path: str) -> str | None:
-    from kap.cli import readable as cli_readable  # the balancer's own rule
+    # The balancer's own rule (imported here: kap.cli imports this module for its command).
+    from kap.cli import readable as cli_readable
 
     return cli_readable(path)
 
@@ -104,8 +105,7 @@ def settings(
     """
     origin = OWN
     # (click has read the environment already; a caller that passes only flags gets it here)
-    raw = {o.name: values.get(o.name) if values.get(o.name) is not None else environ.get(o.env)
-           for o in OPTIONS}  # fmt: skip
+    raw = {o.name: _first(values.get(o.name), environ.get(o.env)) for o in OPTIONS}
     if not flags_given and (pid1 := running_kap(proc)) is not None:
         origin, environ = PID1, pid1.environ
         raw = {o.name: pid1.setting(o) for o in OPTIONS}
@@ -120,6 +120,10 @@ def settings(
         raw, environ=environ, readable=readable, check=check_files, is_dir=os.path.isdir, cwd=cwd
     )
     return Settings(config, origin)
+
+
+def _first(*values: str | None) -> str | None:
+    return next((v for v in values if v is not None), None)
 
 
 def _end(args: tuple[str, ...]) -> int:
@@ -233,7 +237,7 @@ def off_reasons(files: CredentialFiles) -> tuple[tuple[str, str], ...]:
 
 
 def rows_for(
-    config: Config, found: Findings, files: CredentialFiles, creds: Credentials, off: Any
+    config: Config, found: Findings, creds: Credentials, off: tuple[tuple[str, str], ...]
 ) -> list[Row]:
     """The network rows, in the order: starting upstreams, Service, discovery, discovered."""
     rows: list[Row] = []
@@ -289,7 +293,7 @@ def run(s: Settings, output: str, now_unix: float) -> tuple[int, str]:
             deadline=TOTAL_DEADLINE,
         )
     )
-    rows = [*rows_for(config, found, files, creds, off), *rows, file_row]
+    rows = [*rows_for(config, found, creds, off), *rows, file_row]
     return exit_status(rows), render(rows, config.warnings, output, s.origin, creds.origin)
 
 

@@ -431,6 +431,6 @@ async def test_the_overall_deadline_cuts_every_row_short(autojump_clock: Any) ->
     assert found.upstreams == {} and found.sources == {address: ["flag"]}
     config = make_config(None, fallback_upstreams=dropped)
     files = CredentialFiles(config.credentials)
-    rows = check.rows_for(config, found, files, check.credentials_of(files), ())
+    rows = check.rows_for(config, found, check.credentials_of(files), ())
     assert (rows[0].target, rows[0].ok) == (dropped, False)
     assert rows[0].detail == f"TCP connect failed: {check.OUT_OF_TIME}"
