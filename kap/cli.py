@@ -20,6 +20,7 @@ import trio
 
 from kap import logs
 from kap.build import build_info
+from kap.check import command as check_command
 from kap.config import Config, ConfigError, parse_config
 from kap.credentials import check_files
 from kap.options import OPTIONS, Option
@@ -160,7 +161,7 @@ def _with_subcommands(balancer: click.Command) -> click.Group:
 
     return click.Group(
         name=balancer.name,
-        commands=[status_command],
+        commands=[status_command, check_command(with_kap_options)],
         invoke_without_command=True,
         params=balancer.params,
         callback=callback,

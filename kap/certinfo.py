@@ -1,0 +1,56 @@
+"""What a PEM certificate file says: subject, issuer, expiry.
+
+The standard library's ``ssl`` loads certificates into a context but parses
+none of a file's fields, so ``kap check`` reads them with ``cryptography``:
+the operator wants to see which identity kap presents (its subject, which
+RBAC binds) and how long it has left, before pointing the kubelet at kap.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+# A certificate file is a few KiB; a CA bundle a few hundred KiB at most.
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
+class CertificateError(ValueError):
+    """The file holds no PEM certificate, or is larger than any certificate file."""
+
+
+@attrs.frozen
+class CertInfo:
+    """The first certificate of a PEM file (the leaf of a chain, or a bundle's first CA)."""
+
+    subject: str  # RFC 4514, e.g. "O=kap:nodes,CN=system:kap"
+    issuer: str
+    not_after_unix: float
+    count: int  # certificates in the file
+
+    def days_left(self, now_unix: float) -> float:
+        return (self.not_after_unix - now_unix) / 86400.0
+
+
+def read_certificate(path: str) -> CertInfo:
+    """Parse ``path``.
+
+    Raises:
+      OSError: unreadable. CertificateError: no PEM certificate in it.
+    """
+    from cryptography import x509
+
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise CertificateError(f"larger than {MAX_FILE_BYTES} bytes")
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise CertificateError(f"no PEM certificate: {' '.join(str(e).split())}") from None
+    first = certs[0]
+    return CertInfo(
+        subject=first.subject.rfc4514_string(),
+        issuer=first.issuer.rfc4514_string(),
+        not_after_unix=first.not_valid_after_utc.timestamp(),
+        count=len(certs),
+    )
