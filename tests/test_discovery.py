@@ -183,28 +183,25 @@ SVC = "10.96.0.1:443"
     ],
 )
 def test_discovery_asks_the_service_only_when_the_pool_holds_nothing(
-    pki: PkiFiles,
     usable: tuple[str, ...],
     unusable: tuple[str, ...],
     default: str | None,
     avoid: str | None,
     asked: set[str],
 ) -> None:
-    creds = CredentialFiles(Credentials(ca_file=str(pki.ca_file), token_file=str(pki.token_file)))
     pool = _pool_with(*usable, unusable=unusable, default=default)
-    w = EndpointSliceWatcher(pool, creds, "", 1.0, lambda a: None, rng=random.Random(3))
+    rng = random.Random(3)
     gone = None if avoid is None else Address.parse(avoid)
-    assert {str(w._choose(gone)) for _ in range(12)} == asked
+    got = {str(pool.where_to_ask(gone, draw=rng.random(), turn=turn)) for turn in range(12)}
+    assert got == asked
 
 
-def test_choosing_where_to_ask_leaves_the_clients_round_robin_alone(pki: PkiFiles) -> None:
-    creds = CredentialFiles(Credentials(ca_file=str(pki.ca_file), token_file=str(pki.token_file)))
+def test_choosing_where_to_ask_leaves_the_clients_round_robin_alone() -> None:
     alone, asked = _pool_with(A, B, C), _pool_with(A, B, C)
-    w = EndpointSliceWatcher(asked, creds, "", 1.0, lambda a: None)
     expected = [alone.pick() for _ in range(7)]
     got = []
-    for _ in range(7):
-        w._choose(None)
+    for turn in range(7):
+        asked.where_to_ask(None, draw=turn / 7, turn=turn)
         got.append(asked.pick())
     assert [u and str(u.address) for u in got] == [u and str(u.address) for u in expected]
     assert len({u and u.address for u in got}) == 3
