@@ -17,10 +17,12 @@ does about each:
 * a retrying ``on_error`` handler sleeps with ``asyncio.sleep``: kap uses the
   default (raise) and retries in its own trio loop, with backoff and jitter;
 * connection errors escape even a retrying watch (the request is sent
-  outside its ``try``): ``watch_slices`` turns them into ``RequestError``;
-* HTTP 410 on the watch request is a plain ``httpx2.HTTPStatusError`` (the
-  watch does not translate it), and a 410 ERROR event is an ``ApiError``:
-  both become ``Gone`` ("re-list");
+  outside its ``try``), HTTP 410 on the watch request is a plain
+  ``httpx2.HTTPStatusError`` (the watch does not translate it), a 410 ERROR
+  event is an ``ApiError``, and a watch the server ends is reopened inside
+  lightkube, unseen: kap sends each WATCH itself with lightkube's
+  lower-level request (``watch_slices``), so it sees every one start and
+  end, and both 410s become ``Gone`` ("re-list");
 * a watch has no read deadline: the caller bounds every watch with a cancel
   scope, and lists with their own deadline;
 * a typed list fails whole on one bad item: see ``RawEndpointSlice``.
@@ -39,7 +41,9 @@ import msgspec
 import trio
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
+from lightkube.core.generic_client import BasicRequest, GenericAsyncClient
 from lightkube.core.resource import ApiInfo, NamespacedResourceG, ResourceDef
+from lightkube.core.selector import build_selector
 
 from kap import slices
 from kap.address import Address
@@ -158,18 +162,48 @@ async def open_client(
             await client.close()
 
 
+def _request(
+    client: AsyncClient, namespace: str, *, watch: bool, params: Mapping[str, str | None]
+) -> BasicRequest:
+    """lightkube's lower-level request for the slices: URL and selector built by lightkube.
+
+    ``AsyncClient.list`` and ``watch`` take no ``resourceVersion`` for a list,
+    no ``resourceVersionMatch`` and no ``allowWatchBookmarks``, so discovery
+    goes one level down, to the generic client every ``AsyncClient`` wraps
+    (lightkube 1.x, pinned in the lock), which takes any query parameter.
+    """
+    generic: GenericAsyncClient = client._client
+    return generic.prepare_request(
+        "list", res=RawEndpointSlice, namespace=namespace, watch=watch, params=dict(params)
+    )
+
+
 async def list_slices(
-    client: AsyncClient, namespace: str, labels: Mapping[str, str]
+    client: AsyncClient,
+    namespace: str,
+    labels: Mapping[str, str],
+    resource_version: str | None,
+    match: str | None = None,
 ) -> tuple[list[Any], str]:
     """One list: every item's JSON as it came, and the list's resourceVersion.
+
+    ``resource_version`` ``"0"`` (any version, from the apiserver's watch
+    cache), a version with ``match`` ``"NotOlderThan"`` (from the cache, at
+    least that new), or None (a consistent read: etcd's quorum).
 
     Raises:
       RequestError: the request failed or the answer is not a list. The
         caller's cancel scope is the deadline.
     """
+    params = {
+        "labelSelector": build_selector(dict(labels)),
+        "resourceVersion": resource_version,
+        "resourceVersionMatch": match,
+    }
     items: list[Any] = []
     try:
-        listing = client.list(RawEndpointSlice, namespace=namespace, labels=dict(labels))
+        generic: GenericAsyncClient = client._client
+        listing = generic.list(_request(client, namespace, watch=False, params=params))
         async for item in listing:
             items.append(item.raw)
         return items, listing.resourceVersion
@@ -178,37 +212,84 @@ async def list_slices(
 
 
 async def watch_slices(
-    client: AsyncClient, namespace: str, labels: Mapping[str, str], resource_version: str
+    client: AsyncClient,
+    namespace: str,
+    labels: Mapping[str, str],
+    resource_version: str,
+    timeout_seconds: int,
 ) -> AsyncGenerator[tuple[str, Any, str | None]]:
-    """Watch events from ``resource_version``: (type, the object's JSON, its resourceVersion).
+    """One WATCH request from ``resource_version``, with bookmarks.
 
-    Ends when the server ends the watch. Without a deadline of its own: the
+    Yields (type, the object's JSON, its resourceVersion) per line, BOOKMARK
+    included. Ends when the server ends the watch (after ``timeout_seconds``
+    or earlier); unlike lightkube's ``watch`` it does not reconnect, so the
+    caller sees every WATCH it starts. Without a deadline of its own: the
     caller's cancel scope bounds it.
 
     Raises:
       Gone: 410, as an HTTP status or as an ERROR event.
       RequestError: anything else.
     """
-    stream: AsyncGenerator[tuple[str, RawEndpointSlice]] = client.watch(  # type: ignore[assignment]
-        RawEndpointSlice,
-        namespace=namespace,
-        labels=dict(labels),
-        resource_version=resource_version,
-    )
+    params = {
+        "labelSelector": build_selector(dict(labels)),
+        "resourceVersion": resource_version,
+        "timeoutSeconds": str(timeout_seconds),
+        "allowWatchBookmarks": "true",
+    }
+    generic: GenericAsyncClient = client._client
     try:
-        async with contextlib.aclosing(stream):
-            async for kind, obj in stream:
-                yield kind, obj.raw, obj.metadata.resourceVersion
-    except ApiError as e:  # an ERROR event, or a Status from the server
-        if e.status.code == HTTP_GONE:
-            raise Gone from None
-        raise RequestError(f"watch failed: {describe(e)}") from e
-    except httpx2.HTTPStatusError as e:  # lightkube's watch does not translate these
-        if e.response.status_code == HTTP_GONE:
-            raise Gone from None
-        raise RequestError(f"watch failed: HTTP {e.response.status_code}") from e
+        request = generic.build_adapter_request(
+            _request(client, namespace, watch=True, params=params)
+        )
+        response = await generic.send(request, stream=True)  # type: ignore[no-untyped-call]
     except Exception as e:
         raise RequestError(f"watch failed: {describe(e)}") from e
+    try:
+        if response.status_code == HTTP_GONE:
+            raise Gone
+        if response.status_code >= 300:
+            await response.aread()
+            raise RequestError(f"watch failed: {_status_line(response)}")
+        async for line in response.aiter_lines():
+            if line.strip():
+                yield _event(line)
+    except (Gone, RequestError):
+        raise
+    except Exception as e:
+        raise RequestError(f"watch failed: {describe(e)}") from e
+    finally:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_DEADLINE):
+            await response.aclose()
+
+
+def _event(line: str) -> tuple[str, Any, str | None]:
+    """One line of a watch: (type, object, resourceVersion); an ERROR becomes an exception."""
+    try:
+        event = msgspec.json.decode(line)
+    except msgspec.DecodeError as e:
+        raise RequestError(f"watch failed: {describe(e)}") from e
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise RequestError("watch failed: bad response: not a watch event")
+    obj = event.get("object")
+    if event["type"] == "ERROR":
+        code = obj.get("code") if isinstance(obj, dict) else None
+        if code == HTTP_GONE:
+            raise Gone
+        message = obj.get("message") if isinstance(obj, dict) else obj
+        raise RequestError(f"watch failed: HTTP {code}: {' '.join(str(message).split())[:160]}")
+    return event["type"], obj, slices.resource_version(obj)
+
+
+def _status_line(response: httpx2.Response) -> str:
+    """``HTTP <code>: <the Status message>`` (the message when the body is a Status)."""
+    try:
+        body = msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        body = None
+    message = body.get("message") if isinstance(body, dict) else None
+    if not message:
+        return f"HTTP {response.status_code}"
+    return f"HTTP {response.status_code}: {' '.join(str(message).split())[:160]}"
 
 
 def describe(exc: BaseException) -> str:

@@ -1,16 +1,18 @@
 """Discovery: follow the ``default/kubernetes`` EndpointSlices, through kap's own pool.
 
-``EndpointSliceWatcher.run`` lists the slices labelled
-``kubernetes.io/service-name=kubernetes`` in ``default``, watches from the
-list's resourceVersion, and lists again at least every ``--discover-period``.
-Each time the union of ready addresses changes it calls ``on_update`` (the
-app puts the set into the pool as source ``discovery`` and rewrites the
-fallback file).
+``EndpointSliceWatcher.run`` follows the slices labelled
+``kubernetes.io/service-name=kubernetes`` in ``default`` the way client-go's
+reflector does (``kap.reflector``: lists from the watch cache, one
+long-lived watch with bookmarks, ``--discover-period`` as the poll interval
+only when no watch can be kept). Each time the union of ready addresses
+changes it calls ``on_update`` (the app puts the set into the pool as source
+``discovery`` and rewrites the fallback file).
 
-The rooms: ``kap.apiclient`` adapts lightkube (client, tolerant resource
-type, one-line errors); ``kap.slices.SliceSet`` keeps the slices and says
-when the ready set changed; ``Pool.where_to_ask`` chooses the upstream to
-ask. This module is the session loop, its state and its log lines.
+The rooms: ``kap.apiclient`` adapts lightkube (client, requests, tolerant
+resource type, one-line errors); ``kap.reflector`` lists and watches;
+``kap.slices.SliceSet`` keeps the slices and says when the ready set
+changed; ``Pool.where_to_ask`` chooses the upstream to ask. This module is
+the session loop, its state and its log lines.
 
 How it reaches the API: through an upstream of the pool's best group
 (``Pool.best``, what client traffic is picked from, chosen at random so the
@@ -30,14 +32,11 @@ Discovery sends credentials, so it runs only with a CA that verifies the
 apiservers: without one it is off (one error line; ``status`` says why).
 
 The lightkube traps under trio are listed, with what kap does about each,
-in ``kap.apiclient``. Here: a watch that ends without delivering an event
-twice in a row waits for the next scheduled list instead of spinning, and
-every watch lives inside the cancel scope that ends at the next list (one
-period), so a stalled watch costs at most one period.
+in ``kap.apiclient``.
 
 Error handling: every failure of a session (connect, TLS, HTTP status, bad
 JSON, timeout) is counted, logged rate-limited, shown under ``"discovery"``
-in /upstreams, and followed by a jittered exponential backoff; the next
+in /upstreams, and followed by a full-jitter exponential backoff; the next
 session prefers another upstream. Nothing discovery does removes an
 upstream on its own: an empty or failed result leaves the pool as it is.
 
@@ -64,29 +63,22 @@ from kap.credentials import CredentialFiles
 from kap.kubeconfig import KubeconfigCredentials, KubeconfigError
 from kap.kubeconfig import load as load_kubeconfig
 from kap.pool import Pool
-from kap.reflector import LIST_TIMEOUT_FLOOR, QUIET_WATCHES_BEFORE_POLLING, Reflector
+from kap.reflector import (
+    BACKOFF_CAP,
+    BACKOFF_INITIAL,
+    LIST_TIMEOUT_FLOOR,
+    QUIET_WATCHES_BEFORE_POLLING,
+    STALL_LIMIT,
+    WATCH_TIMEOUT,
+    Reflector,
+    backoff_delay,
+)
 
 NAMESPACE = "default"
 SERVICE = "kubernetes"
-# client-go's reflector backs off from 800 ms, doubling (with jitter) up to
-# 30 s; kap also never waits longer than one --discover-period, so an API
-# that comes back is followed within about one period.
-BACKOFF_INITIAL = 0.8
-BACKOFF_CAP = 30.0
 # Errors are logged at most this often (the rest are counted in the next line
 # and in kap_discovery_errors_total): thousands of nodes must not flood logs.
 ERROR_LOG_INTERVAL = 30.0
-
-
-def backoff_delay(failures: int, *, initial: float, cap: float, u: float) -> float:
-    """Seconds to wait after ``failures`` consecutive failures (1 = the first).
-
-    Doubling from ``initial`` up to ``cap``, then "equal jitter": a uniform
-    draw ``u`` in [0, 1) scales it into [half, all] of that, so nodes that
-    failed together do not retry together, and the delay is never zero.
-    """
-    base = min(cap, initial * 2.0 ** min(max(failures, 1) - 1, 32))
-    return base * (0.5 + 0.5 * u)
 
 
 DiscoveryError = apiclient.RequestError
@@ -100,12 +92,13 @@ class EndpointSliceWatcher:
       pool: where the upstream to ask is chosen.
       credentials: how discovery authenticates (``origin`` says which mode).
       server_name: verified name and SNI; empty = the dialed address.
-      period: re-list at least this often (``--discover-period``).
+      period: ``--discover-period``: the poll interval when no watch can be kept.
       on_update: called with the new set whenever the union of ready
         addresses changes (also when it becomes empty: the pool ignores that).
       seed: the kubeconfig's server, for the app to add to the pool.
-      backoff_initial, backoff_cap, error_log_interval: see the constants above;
-      list_timeout_floor, quiet_watches_before_polling: see ``kap.reflector``.
+      error_log_interval: see the constant above; watch_timeout, stall_limit,
+        backoff_initial, backoff_cap, list_timeout_floor,
+        quiet_watches_before_polling: see ``kap.reflector``.
     """
 
     pool: Pool
@@ -117,6 +110,8 @@ class EndpointSliceWatcher:
     seed: Address | None = None
     # Holds the kubeconfig's inline-data files open as long as discovery runs.
     kubeconfig: KubeconfigCredentials | None = None
+    watch_timeout: float = WATCH_TIMEOUT
+    stall_limit: float = STALL_LIMIT
     backoff_initial: float = BACKOFF_INITIAL
     backoff_cap: float = BACKOFF_CAP
     list_timeout_floor: float = LIST_TIMEOUT_FLOOR
@@ -191,6 +186,11 @@ class EndpointSliceWatcher:
             self.service,
             self.period,
             self.on_update,
+            rng=self.rng,
+            watch_timeout=self.watch_timeout,
+            stall_limit=self.stall_limit,
+            backoff_initial=self.backoff_initial,
+            backoff_cap=self.backoff_cap,
             list_timeout_floor=self.list_timeout_floor,
             quiet_watches_before_polling=self.quiet_watches_before_polling,
         )
@@ -288,12 +288,7 @@ class EndpointSliceWatcher:
                     self._failed(target, str(e))
                     avoid = target
             self.reflector.mode = "backoff"
-            cap = max(self.backoff_initial, min(self.backoff_cap, self.period))
-            await trio.sleep(
-                backoff_delay(
-                    self._failures, initial=self.backoff_initial, cap=cap, u=self.rng.random()
-                )
-            )
+            await trio.sleep(self.reflector.backoff(self._failures))
 
     def _note_service(self, target: Address) -> None:
         """Log (once per stay) that discovery asks the Service, the last resort."""
@@ -321,13 +316,13 @@ class EndpointSliceWatcher:
         ) as client:
             self._generation = self.credentials.generation
             if target in self.pool:
-                await self.reflector.follow(client, target, lambda: self._listed(target))
+                await self.reflector.follow(client, target, lambda: self._leave(target))
                 return
             failed: DiscoveryError | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._leave_when_usable, target, nursery.cancel_scope)
                 try:
-                    await self.reflector.follow(client, target, lambda: self._listed(target))
+                    await self.reflector.follow(client, target, lambda: self._leave(target))
                 except DiscoveryError as e:
                     failed = e  # raised below, not as an ExceptionGroup
                 nursery.cancel_scope.cancel()
@@ -350,8 +345,12 @@ class EndpointSliceWatcher:
         )
         session.cancel()
 
-    def _listed(self, target: Address) -> bool:
-        """After each list: True when the session should end (to switch upstreams)."""
+    def _leave(self, target: Address) -> bool:
+        """After each list and each watch that ended well: True to end the session.
+
+        It ends to switch upstreams (``target`` no longer usable while another
+        is) or because the TLS credentials were rotated.
+        """
         self._succeeded(target)
         self.credentials.ssl_context()  # a stat per file: notices rotated certificates
         return self.credentials.generation != self._generation or self._should_leave(target)
