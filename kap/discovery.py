@@ -304,9 +304,10 @@ class EndpointSliceWatcher:
         """List and watch through ``target`` until it fails or should be left.
 
         Returns (no error) when the target is no longer usable while another
-        upstream is, or when the TLS credentials were rotated. A target that
-        is not a pool member is the default Service: left as soon as any
-        upstream is usable, not only after the next list.
+        upstream is, or when the TLS credentials were rotated. Being left is
+        noticed when the pool's usable set changes, not only when a watch
+        ends (a watch lasts minutes). A target that is not a pool member is
+        the default Service: left as soon as any upstream is usable.
 
         Raises:
           DiscoveryError: the list or the watch failed.
@@ -315,12 +316,9 @@ class EndpointSliceWatcher:
             target, self.credentials, self.server_name, self.namespace
         ) as client:
             self._generation = self.credentials.generation
-            if target in self.pool:
-                await self.reflector.follow(client, target, lambda: self._leave(target))
-                return
             failed: DiscoveryError | None = None
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._leave_when_usable, target, nursery.cancel_scope)
+                nursery.start_soon(self._leave_when_asked, target, nursery.cancel_scope)
                 try:
                     await self.reflector.follow(client, target, lambda: self._leave(target))
                 except DiscoveryError as e:
@@ -329,20 +327,27 @@ class EndpointSliceWatcher:
             if failed is not None:
                 raise failed
 
-    def upstream_usable(self) -> None:
-        """An upstream turned usable (the app passes on the pool's "healthy" changes).
+    def usable_changed(self) -> None:
+        """An upstream turned usable or unusable (the app passes on the pool's changes).
 
-        Ends a stay on the default Service at once, not at the next list.
+        Ends a stay on the default Service, or on an upstream no longer
+        usable, at once, not when the watch ends.
         """
         self._usable_changed.set()
 
-    async def _leave_when_usable(self, service: Address, session: trio.CancelScope) -> None:
-        while not self.pool.usable():
+    async def _leave_when_asked(self, target: Address, session: trio.CancelScope) -> None:
+        service = target not in self.pool
+        while not (self.pool.usable() if service else self._should_leave(target)):
             self._usable_changed = trio.Event()
             await self._usable_changed.wait()
-        logger.bind(service=str(service)).info(
-            "discovery leaves the kubernetes Service: a discovered apiserver is usable"
-        )
+        if service:
+            logger.bind(service=str(target)).info(
+                "discovery leaves the kubernetes Service: a discovered apiserver is usable"
+            )
+        else:
+            logger.bind(upstream=str(target)).info(
+                "discovery moves off an upstream that is no longer usable"
+            )
         session.cancel()
 
     def _leave(self, target: Address) -> bool:

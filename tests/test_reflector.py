@@ -221,3 +221,28 @@ async def test_watches_that_end_at_once_fall_back_to_listing_from_the_cache_ever
     assert slice_store.lists_consistent == 0
     assert all(q["resourceVersionMatch"] == "NotOlderThan" for q in lists(fake)[1:])
     assert w.errors_total == 0
+
+
+@bounded(15)
+async def test_an_upstream_that_turns_unusable_is_left_at_once_not_when_its_watch_ends(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+) -> None:
+    fake, w = await start(nursery, start_fake, pki, free_port, slice_store)
+    other = await start_fake("127.0.0.3", host="127.0.0.3", port=free_port, require_token=pki.token)
+    first, second = Address(HOST, free_port), Address("127.0.0.3", free_port)
+    w.pool.set_source("flag", [first, second], now=0.0)
+    w.pool.record_probe(second, ok=True, now=0.0, latency=0.001)
+    assert w.source_upstream == first and w.mode == "watch"
+    while w.pool.get(first).usable:  # type: ignore[union-attr]
+        w.pool.record_probe(first, ok=False, now=1.0, error="refused")
+    w.usable_changed()  # as the app passes on the pool's "unhealthy"
+    await wait_until(lambda: w.source_upstream == second and w.mode == "watch")
+    # The new session lists from the cache, at least as new as what kap had seen.
+    (relist,) = lists(other)
+    assert relist["resourceVersionMatch"] == "NotOlderThan"
+    assert len(watches(fake)) == 1 and len(watches(other)) == 1
+    assert slice_store.lists_consistent == 0 and w.errors_total == 0
