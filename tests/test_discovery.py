@@ -905,7 +905,7 @@ async def test_trap_http_410_on_watch_is_not_an_api_error_and_kap_does_not_spin(
     await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
     watches = len(slice_requests(*fakes.values(), watch=True))
     await trio.sleep(1.5)  # five periods
-    # At most two watches per period (the second waits for the next list).
+    # Each 410 waits a backoff (full jitter, at most 0.8 s) before a consistent list: no spinning.
     assert len(slice_requests(*fakes.values(), watch=True)) - watches <= 2 * 5 + 2
     slice_store.put(kube_slice(free_port, *HOSTS[:3]))  # lists still follow changes
     await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]))
@@ -1010,6 +1010,29 @@ async def test_trap_a_stalled_watch_has_no_read_deadline_and_kap_bounds_it(
     # Each stalled watch was closed: no connections pile up.
     assert sum(f.active_connections for f in fakes.values()) <= 2
     assert w.errors_total == 0
+
+
+@bounded(15)
+async def test_trap_a_watch_the_server_ends_is_reopened_unseen_so_kap_sends_each_watch_itself(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:1], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:1]))
+    slice_store.watch_timeout = 0.1  # the server ends every watch after 0.1 s, empty
+    rv = str(slice_store.resource_version)
+    with trio.move_on_after(1.0) as scope:
+        await first_event(
+            lightkube_client(pki, fakes[HOSTS[0]].url).watch(
+                EndpointSlice, namespace="default", resource_version=rv
+            )
+        )
+    # lightkube sent a new WATCH after each end, and its caller saw none of them.
+    assert scope.cancelled_caught and slice_store.watches_opened >= 3
+    # kap sends each WATCH itself and sees each end: tests/test_reflector.py.
 
 
 @bounded(15)
