@@ -46,6 +46,11 @@ class Option:
     kind: str = "value"  # "value" | "bool" (accepts --flag, --flag=true/false)
 
 
+# kube-apiserver closes an HTTP/2 connection that has had no stream for 90 s,
+# and a PING does not count: a /readyz at least every 60 s keeps the probe
+# connection open, with a margin for jitter.
+MAX_READINESS_INTERVAL = 60.0
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "listen_addr",
@@ -104,6 +109,16 @@ OPTIONS: tuple[Option, ...] = (
         "100ms",
         "Deadline for one /readyz request on the kept-alive probe connection (opening it "
         "has its own budget: a fifth of --health-interval or two timeouts, at most one interval).",
+    ),
+    Option(
+        "readiness_interval",
+        ("--readiness-interval",),
+        "READINESS_INTERVAL",
+        None,
+        "Time between two /readyz of an upstream whose probe connection speaks HTTP/2; "
+        "the checks in between are PINGs. Default: --health-interval (every check a /readyz); "
+        "at least --health-interval, at most 60s (kube-apiserver closes an HTTP/2 connection "
+        "idle for 90s).",
     ),
     Option(
         "health_jitter",
@@ -236,6 +251,7 @@ class Config:
     tcp_user_timeout: float = 5.0
     health_interval: float = 1.0
     health_timeout: float = 0.1
+    readiness_interval: float = 1.0  # the resolved default: health_interval
     health_jitter: float = 0.2
     fallback_upstreams: tuple[Address, ...] = ()
     fallback_file: str | None = None
@@ -396,6 +412,15 @@ def parse_config(
         duration(name)
     for name in ("shutdown_grace", "removal_grace", "drain_after"):
         duration(name, positive=False)
+    if raw("readiness_interval") is None:
+        out["readiness_interval"] = out.get("health_interval", 1.0)
+    else:
+        duration("readiness_interval")
+        readiness, interval = out.get("readiness_interval"), out.get("health_interval")
+        if isinstance(readiness, float) and readiness > MAX_READINESS_INTERVAL:
+            bad("readiness_interval", f"{raw('readiness_interval')!r}: at most 60s")
+        elif isinstance(readiness, float) and isinstance(interval, float) and readiness < interval:
+            bad("readiness_interval", f"{raw('readiness_interval')!r}: below --health-interval")
 
     jitter_text = raw("health_jitter") or ""
     try:
