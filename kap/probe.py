@@ -205,6 +205,8 @@ class Prober:
         """
         context = self.credentials.probe_ssl_context()  # first: it may bump the generation
         conn = self._connections.get(address)
+        if isinstance(conn, Http2Connection):
+            await conn.catch_up()
         if conn is not None:
             if conn.generation == self.credentials.generation and conn.reusable:
                 return None

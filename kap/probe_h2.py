@@ -24,6 +24,7 @@ The rules that keep it honest:
 from __future__ import annotations
 
 import itertools
+import select
 
 import attrs
 import h2.config
@@ -157,6 +158,19 @@ class Http2Connection:
                 if isinstance(event, h2.events.PingAckReceived) and event.ping_data == opaque:
                     return trio.current_time() - sent
 
+    async def catch_up(self) -> None:
+        """Handle the frames already waiting on the socket, without waiting for more.
+
+        Before the connection is reused: a GOAWAY or a close that came while
+        nobody read (``idle`` was not running) is noticed here, not as a
+        failed check.
+        """
+        try:
+            while self.reusable and _readable(self.stream):
+                await self._receive(None)
+        except (GoAway, ProbeProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.closed = True
+
     async def idle(self) -> None:
         """Read and handle frames until the connection ends (GOAWAY, close or error).
 
@@ -208,6 +222,16 @@ class Http2Connection:
         """Close; a TLS close_notify at most. The caller bounds it."""
         self.closed = True
         await self.stream.aclose()
+
+
+def _readable(stream: trio.SSLStream[trio.SocketStream]) -> bool:
+    """Something (or an EOF) is waiting on the socket: one ``poll``, as h11's ``reusable``."""
+    poller = select.poll()
+    try:
+        poller.register(stream.transport_stream.socket.fileno(), select.POLLIN)
+    except (OSError, ValueError):  # already closed
+        return False
+    return bool(poller.poll(0))
 
 
 def _status(headers: list[tuple[bytes, bytes]]) -> int:
