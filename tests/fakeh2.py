@@ -90,6 +90,9 @@ class H2ServerConnection:
                     nursery.start_soon(self._idle_goaway)
                     await self._read(nursery)
                     nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client reset the connection: it ends, as an HTTP/1.1 one would.
+            self.fake.connection_errors += 1
         finally:
             self.fake._h2_connections.discard(self)
             for stream in self._streams.values():
