@@ -242,3 +242,43 @@ async def test_the_fake_sends_goaway_after_its_idle_limit_and_kap_reconnects(
     assert await p.open(address) is None and (await p.request(address)).ok
     assert a.connections_total == 2
     await p.aclose()
+
+
+async def test_a_poke_asks_for_a_readyz_at_once_in_the_fleet_setting(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A failed dial or a passive failure pokes the upstream: a /readyz, not a PING."""
+    a = await start_fake("a")
+    sched, address = scheduler(pki, a, readiness_interval=10.0)
+    start = trio.current_time()
+    await run_until(nursery, sched, 1.5, lambda: sched.poke(address))
+    await trio.sleep(1.2)
+    assert [t - start for t in a.probe_times["/readyz"]] == pytest.approx([0, 1.5])
+    assert a.counts()["ping"] == 2  # t=1, and t=2.5 (the next tick after the poke)
+
+
+async def test_a_readyz_500_leaves_rotation_within_the_readiness_interval_plus_one_interval(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """PINGs still pass on a shutting-down apiserver; its /readyz 500 counts, then only /readyz."""
+    a = await start_fake("a")
+    sched, address = scheduler(pki, a, readiness_interval=10.0)
+    start = trio.current_time()
+
+    def shutting_down() -> None:
+        a.readyz = "500"
+
+    await run_until(nursery, sched, 0.5, shutting_down)
+    up = sched.pool.get(address)
+    assert up is not None
+    await wait_until(lambda: not up.usable, timeout=20.0)
+    assert trio.current_time() - (start + 0.5) <= 10.0 + 1.0
+    pings = a.counts()["ping"]
+    await trio.sleep(3.0)
+    assert a.counts()["ping"] == pings  # failing: every check is a /readyz
