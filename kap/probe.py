@@ -18,6 +18,13 @@ A probe has two deadlines, each bounding what it measures:
   A request that times out closes the connection; the next probe opens a new
   one first, under the open budget, so a timeout never dooms the next probe.
 
+When the probe connection speaks HTTP/2 and ``readiness_interval`` is
+longer than the interval (``--readiness-interval``, the fleet setting), the
+checks between two ``/readyz`` are HTTP/2 PINGs on it (``next_check``
+decides); a PING has the timeout as its deadline, and its round trip is the
+latency. Anything that asks for a closer look (a missed PING, a failure, a
+poke, a GOAWAY) makes the next check a ``/readyz`` at once.
+
 What the latency is: the time from sending the request to receiving the
 response headers on the open connection: one round trip plus the apiserver's
 own answer time (an apiserver 40 ms away shows about 40 ms). It leaves out
