@@ -6,6 +6,8 @@ check's time is exact, so "one /readyz per readiness interval" is a count.
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +18,8 @@ from kaptest import StartFake, get_json, make_config, start_kap, upstream, wait_
 from test_probe import fake_address, prober
 
 from kap.address import Address
-from kap.config import ConfigError
+from kap.config import ConfigError, Credentials
+from kap.credentials import CredentialFiles
 from kap.pool import SOURCE_FLAG, Pool
 from kap.probe import PING, READYZ, Prober, ProbeScheduler, next_check
 from kap.probe_h2 import ALPN_H2
@@ -282,3 +285,31 @@ async def test_a_readyz_500_leaves_rotation_within_the_readiness_interval_plus_o
     pings = a.counts()["ping"]
     await trio.sleep(3.0)
     assert a.counts()["ping"] == pings  # failing: every check is a /readyz
+
+
+async def test_only_the_probes_context_offers_h2(
+    start_fake: StartFake, pki: PkiFiles, tmp_path: Path
+) -> None:
+    """Discovery keeps HTTP/1.1 (httpx2, http2 off); both contexts come from the same files."""
+    a = await start_fake("a")
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(pki.ca_file.read_bytes())
+    credentials = CredentialFiles(Credentials(ca_file=str(ca)))
+
+    async def alpn(context: ssl.SSLContext) -> str | None:
+        host, port = a.address
+        stream = await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=context, https_compatible=True
+        )
+        await stream.do_handshake()
+        protocol = stream.selected_alpn_protocol()
+        await trio.aclose_forcefully(stream)
+        return protocol
+
+    assert await alpn(credentials.ssl_context()) == "http/1.1"
+    assert await alpn(credentials.probe_ssl_context()) == ALPN_H2
+    generation = credentials.generation
+    ca.write_text("not a certificate")  # a bad rotation: both keep the last good ones
+    assert await alpn(credentials.probe_ssl_context()) == ALPN_H2
+    assert await alpn(credentials.ssl_context()) == "http/1.1"
+    assert credentials.generation == generation
