@@ -235,8 +235,13 @@ async def test_flapping_upstream_is_damped_and_stable_ones_preferred(
 async def test_slow_master_gets_no_new_connections_but_no_starvation(
     nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, figure: object
 ) -> None:
-    """6. One apiserver 50 ms slower: tiers send clients to the fast ones; it still serves."""
-    slow = await start_fake("slow", readyz="slow", readyz_delay=0.05)
+    """6. One apiserver 200 ms slower: tiers send clients to the fast ones; it still serves.
+
+    200 ms (tier 4) rather than a few tens: on a loaded 2-core machine a fast
+    fake's own answer can take 10-30 ms (tier 3), and the test is about tiers,
+    not about how close two of them can be.
+    """
+    slow = await start_fake("slow", readyz="slow", readyz_delay=0.2)
     fast = await start_fake("fast")
     cfg = make_config(pki, fallback_upstreams=f"{addr_of(slow)},{addr_of(fast)}")
     app, bound = await start_kap(nursery, cfg)
