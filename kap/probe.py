@@ -43,6 +43,7 @@ from kap.address import Address
 from kap.credentials import CredentialFiles
 from kap.pool import Change, Pool
 from kap.probe_connection import Http11Connection, ProbeProtocolError, open_connection
+from kap.probe_results import classify
 
 READYZ_PATH = "/readyz"
 # 401/403: the apiserver answered, so it is alive; only kap's credentials are
@@ -110,6 +111,7 @@ class ProbeResult:
     auth_refused: bool = False
     inconclusive: bool = False  # kap itself was too busy to tell; not recorded
     open_timed_out: bool = False  # the connection did not open within the open budget
+    timed_out: bool = False  # either step ran out of time
 
 
 def describe_error(exc: BaseException) -> str:
@@ -370,6 +372,11 @@ class ProbeScheduler:
             auth_refused=result.auth_refused,
             answered=result.status is not None,
         )
+        if (up := self.pool.get(address)) is not None:
+            auth = self.prober.credentials.authenticated
+            up.probe_results[
+                classify(status=result.status, timed_out=result.timed_out, authenticated=auth)
+            ] += 1
         if changes:
             self.on_changes(changes)
         return result
@@ -386,7 +393,9 @@ class ProbeScheduler:
                 "probe timed out while kap's loop was busy; not counted"
             )
             return ProbeResult(ok=False, inconclusive=True, error="kap's loop was busy")
-        return ProbeResult(ok=False, duration=trio.current_time() - start, error=error)
+        return ProbeResult(
+            ok=False, duration=trio.current_time() - start, error=error, timed_out=True
+        )
 
 
 def _ms(seconds: float | None) -> float | None:
