@@ -514,3 +514,14 @@ def test_recording_rules_used_are_defined() -> None:
         used |= set(re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", expr))
     assert used <= defined, used - defined
     assert defined <= used, f"recorded but never read: {defined - used}"
+
+
+def test_docs_alerts_table_matches_the_rules() -> None:
+    """docs/monitoring.md's alerts table: every alert, with its severity and ``for:``."""
+    rows = {}
+    for line in (REPO / "docs" / "monitoring.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| `Kap") and len(cells) == 4:
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+    want = {name: (r["labels"]["severity"], r["for"]) for name, r in alerts().items()}
+    assert rows == want
