@@ -15,7 +15,7 @@ Figures:
          round-trip time over a direct connection (p50, p99).
   wake   in-process: CPU per wake-up of a sleeping task, the two ways to do it.
   idle   N idle connections after one 64-byte exchange: fds per connection and
-         bytes of Python memory allocated by kap/relay.py per connection.
+         bytes of Python memory allocated by kap/relay/ per connection.
 
 Usage: python bench/relay_micro.py [--quick] [--only bulk,rr,idle] [--no-splice]
 """
@@ -210,8 +210,7 @@ def spawn(cmd: list[str]) -> subprocess.Popen[str]:
 
 
 async def run_case(mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    relay = Relay()
-    relay._splice = not args.no_splice
+    relay = Relay(splice=not args.no_splice)
     front = socket.create_server(("127.0.0.1", 0), backlog=4096)
     front.setblocking(False)
     cmd = [sys.executable, __file__, "--role", "gen", "--mode", mode]
@@ -268,7 +267,7 @@ async def run_case(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                     await trio.sleep(0.2)
                     conns = done["conns"]
                     snap1 = tracemalloc.take_snapshot()
-                    filt = [tracemalloc.Filter(True, "*kap/relay.py")]
+                    filt = [tracemalloc.Filter(True, "*kap/relay/*")]
                     stats = snap1.filter_traces(filt).compare_to(
                         snap0.filter_traces(filt), "filename"
                     )
@@ -276,7 +275,7 @@ async def run_case(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                     tracemalloc.stop()
                     out["fds_per_conn"] = (len(os.listdir("/proc/self/fd")) - fds0) / conns
                     out["relay_bytes_per_conn"] = round(grown / conns)
-                    out["pipes_in_use"] = relay.pipes_in_use
+                    out["pipes_in_use"] = relay.pipes.in_use
                     proc.stdin.write("\n")
                     proc.stdin.flush()
                 out["spliced_share"] = round(

@@ -1,64 +1,86 @@
-"""When the certificates kap loads expire: the client certificate and the CA bundle.
+"""What a PEM certificate file says: subject, issuer, expiry.
 
-A static pod's client certificate lasts a year; once it has expired the
-apiservers refuse it and discovery stops without a sound. ``/metrics``
-(``kap_client_certificate_expiry_timestamp_seconds``,
-``kap_ca_certificate_expiry_timestamp_seconds``) and ``/upstreams``'
-problems show the expiry ahead of time, read from the same files at the
-moment kap loads them into its TLS context (``kap.credentials``), so they
-describe what kap presents, not what lies on disk.
+The standard library's ``ssl`` loads certificates into a context but parses
+none of a file's fields, so ``kap check`` reads them with ``cryptography``:
+the operator wants to see which identity kap presents (its subject, which
+RBAC binds) and how long it has left, before pointing the kubelet at kap.
 
-The standard library's ``ssl`` parses only a peer's certificate, never a
-file's, hence ``cryptography``; it is imported on the first call (39 ms of
-imports, ``python -X importtime -c 'import cryptography.x509'``, kept out of
-kap's start-up; the context is loaded at the first probe anyway).
+A running kap reads the same files when it loads them into its TLS context
+(``kap.credentials``), for ``kap_client_certificate_expiry_timestamp_seconds``,
+``kap_ca_certificate_expiry_timestamp_seconds`` and ``/upstreams``' problems:
+a static pod's client certificate lasts a year, and once it has expired the
+apiservers refuse it and discovery stops without a sound. There an unreadable
+or unparsable file is an unknown expiry (None), never a failure: kap's TLS
+loading decides whether a file is usable.
 
-A file that does not parse gives None (unknown): kap's TLS loading, not this,
-decides whether a file is usable, and an expiry is never worth a failure.
+``cryptography`` is imported on the first parse (39 ms of imports,
+``python -X importtime -c 'import cryptography.x509'``, kept out of start-up;
+kap builds its TLS context at the first probe).
 """
 
 from __future__ import annotations
 
-import re
+import attrs
 
-_PEM_CERT = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
-)
+# A certificate file is a few KiB; a CA bundle a few hundred KiB at most.
+MAX_FILE_BYTES = 4 * 1024 * 1024
 
 
-def pem_not_afters(data: bytes) -> list[float]:
-    """The notAfter (Unix time) of each PEM certificate in ``data``, in order.
+class CertificateError(ValueError):
+    """The file holds no PEM certificate, or is larger than any certificate file."""
 
-    Blocks that do not parse are skipped; anything around the blocks (keys,
-    comments) is ignored.
+
+@attrs.frozen
+class CertInfo:
+    """The first certificate of a PEM file (the leaf of a chain, or a bundle's first CA)."""
+
+    subject: str  # RFC 4514, e.g. "O=kap:nodes,CN=system:kap"
+    issuer: str
+    not_after_unix: float
+    count: int  # certificates in the file
+    earliest_not_after_unix: float  # of any certificate in the file (a CA bundle's first to expire)
+
+    def days_left(self, now_unix: float) -> float:
+        return (self.not_after_unix - now_unix) / 86400.0
+
+
+def read_certificate(path: str) -> CertInfo:
+    """Parse ``path``.
+
+    Raises:
+      OSError: unreadable. CertificateError: no PEM certificate in it.
     """
     from cryptography import x509
 
-    out = []
-    for block in _PEM_CERT.findall(data):
-        try:
-            cert = x509.load_pem_x509_certificate(block)
-        except ValueError:
-            continue
-        out.append(cert.not_valid_after_utc.timestamp())
-    return out
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise CertificateError(f"larger than {MAX_FILE_BYTES} bytes")
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise CertificateError(f"no PEM certificate: {' '.join(str(e).split())}") from None
+    first = certs[0]
+    return CertInfo(
+        subject=first.subject.rfc4514_string(),
+        issuer=first.issuer.rfc4514_string(),
+        not_after_unix=first.not_valid_after_utc.timestamp(),
+        count=len(certs),
+        earliest_not_after_unix=min(c.not_valid_after_utc.timestamp() for c in certs),
+    )
 
 
 def leaf_not_after(path: str) -> float | None:
     """When the first certificate in ``path`` (the one presented) expires; None if unknown."""
-    found = _read(path)
-    return found[0] if found else None
+    try:
+        return read_certificate(path).not_after_unix
+    except (OSError, CertificateError):
+        return None
 
 
 def earliest_not_after(path: str) -> float | None:
     """When the first certificate of the bundle in ``path`` to expire does; None if unknown."""
-    found = _read(path)
-    return min(found) if found else None
-
-
-def _read(path: str) -> list[float]:
     try:
-        with open(path, "rb") as fh:
-            return pem_not_afters(fh.read())
-    except OSError:
-        return []
+        return read_certificate(path).earliest_not_after_unix
+    except (OSError, CertificateError):
+        return None

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import click
 import trio
 
 from kap import logs
 from kap.build import build_info
-from kap.config import OPTIONS, ConfigError, Option, parse_config
+from kap.check import command as check_command
+from kap.config import Config, ConfigError, parse_config
 from kap.credentials import check_files
+from kap.options import OPTIONS, Option
 from kap.status import command as status_command
 
 
@@ -36,10 +39,13 @@ def readable(path: str) -> str | None:
     return None
 
 
-def _click_option(opt: Option) -> Any:
-    default = "(unset)" if opt.default is None else (opt.default or '""')
-    help_text = f"{opt.help}  [env {opt.env}; default {default}]"
-    if opt.kind == "bool":
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _click_option(opt: Option) -> Callable[[F], F]:
+    """The click option of one row: every value a plain string, checked by parse_config."""
+    help_text = f"{opt.help}  [env {opt.env}; default {opt.shown_default}]"
+    if opt.kind.is_flag:  # --flag alone means true; --flag=false too
         return click.option(
             *opt.flags,
             opt.name,
@@ -48,20 +54,43 @@ def _click_option(opt: Option) -> Any:
             is_flag=False,
             flag_value="true",
             help=help_text,
-            metavar="[=BOOL]",
+            metavar=opt.kind.metavar,
         )
     return click.option(
-        *opt.flags, opt.name, envvar=opt.env, default=None, help=help_text, metavar="VALUE"
+        *opt.flags, opt.name, envvar=opt.env, default=None, help=help_text, metavar=opt.kind.metavar
     )
 
 
-def run(no_discovery: bool, **values: str | None) -> None:
-    """Parse the flags, set up logging, run the nursery tree until a signal."""
-    if no_discovery:
-        values["discovery"] = "false"
+def with_kap_options(func: F) -> F:
+    """Decorate a click command's function with every option of kap's table.
+
+    ``func`` receives each option by its name (a string, or None when
+    neither its flag nor its env var is given) and ``no_discovery`` (bool);
+    ``config_from_flags`` turns them into a Config. ``kap`` and the commands
+    that check a configuration take the same flags this way.
+    """
+    for opt in reversed(OPTIONS):
+        func = _click_option(opt)(func)
+    return click.option(
+        "--no-discovery",
+        "no_discovery",
+        is_flag=True,
+        default=False,
+        help="Same as --discovery=false.",
+    )(func)
+
+
+def config_from_flags(values: Mapping[str, Any]) -> Config:
+    """The Config of ``with_kap_options``'s values, the disk asked here; exit 2 when bad.
+
+    One line per problem on stderr, naming the flag and its env var.
+    """
+    raw: dict[str, str | None] = {o.name: values.get(o.name) for o in OPTIONS}
+    if values.get("no_discovery"):
+        raw["discovery"] = "false"
     try:
-        config = parse_config(
-            values,
+        return parse_config(
+            raw,
             environ=os.environ,
             readable=readable,
             check=check_files,
@@ -72,6 +101,11 @@ def run(no_discovery: bool, **values: str | None) -> None:
         for line in e.problems:
             click.echo(f"kap: {line}", err=True)
         sys.exit(2)
+
+
+def run(**values: Any) -> None:
+    """Parse the flags, set up logging, run the nursery tree until a signal."""
+    config = config_from_flags(values)
     logs.setup(config.log_level)
     build_info()  # may ask git (in a checkout): here, not on the event loop; cached
     from kap.app import App  # after the flags: a bad flag exits before the heavy imports
@@ -98,16 +132,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 
 
 def _command() -> click.Command:
-    func: Any = run
-    for opt in reversed(OPTIONS):
-        func = _click_option(opt)(func)
-    func = click.option(
-        "--no-discovery",
-        "no_discovery",
-        is_flag=True,
-        default=False,
-        help="Same as --discovery=false.",
-    )(func)
+    func = with_kap_options(run)
     func = click.option(
         "--version",
         is_flag=True,
@@ -136,7 +161,7 @@ def _with_subcommands(balancer: click.Command) -> click.Group:
 
     return click.Group(
         name=balancer.name,
-        commands=[status_command],
+        commands=[status_command, check_command(with_kap_options)],
         invoke_without_command=True,
         params=balancer.params,
         callback=callback,

@@ -1,29 +1,39 @@
-"""kap's configuration: the option table, and parsing it into a frozen Config.
+"""kap's configuration: the options' raw text parsed into a frozen, typed Config.
 
 Pure logic: the only outside facts it needs (is a file readable? does a
 credential file load? what is in the environment, the working directory, a
 kubeconfig?) come in as arguments, so every row of the table is tested
 without touching the disk. The CLI (``kap.cli``) builds its flags from
-``OPTIONS`` and hands the raw strings here; every problem found becomes one
-line naming the flag and its environment variable, and kap exits with status
-2 before anything is bound.
+``kap.options.OPTIONS`` and hands the raw strings here. Parsing goes in two
+steps:
+
+1. each option on its own, by its row's kind (``kap.kinds``), into the
+   ``Config`` field of the same name;
+2. what takes several options together: the client certificate and its key,
+   the kubeconfig, the one resolved set of credentials (``kap.sources``),
+   the default Service from the environment, a probe timeout not shorter
+   than its interval.
+
+Every problem found becomes one line naming the flag and its environment
+variable, all of them at once, and kap exits with status 2 before anything
+is bound.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import os
-import posixpath
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from kap.address import Address, AddressError, parse_list, parse_port
-from kap.durations import DurationError, parse_duration
+# ``name as name``: re-exported, defined here before the option table moved to kap.options.
+from kap.address import Address, AddressError
+from kap.kinds import Disk
+from kap.kinds import parse_host_port as parse_host_port
+from kap.options import OPTION_BY_NAME
+from kap.options import OPTIONS as OPTIONS
+from kap.options import Option as Option
 from kap.sources import FLAGS, load_kubeconfig_option, resolve_files
-
-# Re-exported: where the credential files are, and what they are, were defined here.
 from kap.sources import SERVICEACCOUNT_DIR as SERVICEACCOUNT_DIR
 from kap.sources import STATIC_POD_DIR as STATIC_POD_DIR
 from kap.sources import Credentials as Credentials
@@ -31,234 +41,63 @@ from kap.sources import Credentials as Credentials
 if TYPE_CHECKING:
     from kap.kubeconfig import KubeconfigCredentials
 
-LOG_LEVELS = ("debug", "info", "warn", "error")
-
-
-@attrs.frozen
-class Option:
-    """One flag: its names, environment variable, default and help text."""
-
-    name: str  # the Config field / click parameter name
-    flags: tuple[str, ...]
-    env: str
-    default: str | None
-    help: str
-    kind: str = "value"  # "value" | "bool" (accepts --flag, --flag=true/false)
-
-
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "listen_addr",
-        ("--listen-addr", "--listen-address"),
-        "LISTEN_ADDRESS",
-        "0.0.0.0",
-        "IP address the data port listens on (IPv4 or IPv6; '::' is dual-stack).",
-    ),
-    Option(
-        "listen_port",
-        ("--listen-port",),
-        "LISTEN_PORT",
-        "7443",
-        "TCP port clients connect to (0 = kernel-chosen, logged at start).",
-    ),
-    Option(
-        "health_listen",
-        ("--health-listen",),
-        "HEALTH_LISTEN",
-        ":8080",
-        "[host]:port of the health server (/healthz /readyz /upstreams /metrics).",
-    ),
-    Option("log_level", ("--log-level",), "LOG_LEVEL", "info", "debug, info, warn or error."),
-    Option(
-        "dial_timeout",
-        ("--dial-timeout",),
-        "DIAL_TIMEOUT",
-        "5s",
-        "Deadline for one upstream dial; then the next candidate is tried.",
-    ),
-    Option(
-        "keepalive_period",
-        ("--keepalive-period",),
-        "KEEPALIVE_PERIOD",
-        "1s",
-        "TCP keepalive idle time and interval on both sockets.",
-    ),
-    Option(
-        "tcp_user_timeout",
-        ("--tcp-user-timeout",),
-        "TCP_USER_TIMEOUT",
-        "5s",
-        "TCP_USER_TIMEOUT on both sockets: unacknowledged data kills the connection.",
-    ),
-    Option(
-        "health_interval",
-        ("--health-interval",),
-        "HEALTH_INTERVAL",
-        "1s",
-        "Time between two /readyz probes of one upstream.",
-    ),
-    Option(
-        "health_timeout",
-        ("--health-timeout",),
-        "HEALTH_TIMEOUT",
-        "100ms",
-        "Deadline for one /readyz request on the kept-alive probe connection (opening it "
-        "has its own budget: a fifth of --health-interval or two timeouts, at most one interval).",
-    ),
-    Option(
-        "health_jitter",
-        ("--health-jitter",),
-        "HEALTH_JITTER",
-        "0.2",
-        "Probe interval jitter, 0..1: next probe at interval*(1+jitter*U(-1,1)).",
-    ),
-    Option(
-        "fallback_upstreams",
-        ("--fallback-upstreams",),
-        "FALLBACK_UPSTREAMS",
-        "",
-        "Comma-separated host:port upstreams, always in the pool ([v6]:port).",
-    ),
-    Option(
-        "fallback_file",
-        ("--fallback-file",),
-        "FALLBACK_FILE",
-        None,
-        'JSON array of "host:port": read at start, rewritten with the discovered set.',
-    ),
-    Option(
-        "ca_file",
-        ("--ca-file",),
-        "CA_FILE",
-        None,
-        "CA bundle the apiserver certificate is verified against; without one kap "
-        "presents no credentials (default: kubeconfig, static-pod, ServiceAccount CA).",
-    ),
-    Option(
-        "cert_file",
-        ("--cert-file",),
-        "CERT_FILE",
-        None,
-        "Client certificate presented to the apiservers.",
-    ),
-    Option("key_file", ("--key-file",), "KEY_FILE", None, "Key of --cert-file."),
-    Option(
-        "token_file",
-        ("--token-file",),
-        "TOKEN_FILE",
-        None,
-        "Bearer token file, re-read when it changes "
-        "(default: the ServiceAccount token when present).",
-    ),
-    Option(
-        "tls_server_name",
-        ("--tls-server-name",),
-        "TLS_SERVER_NAME",
-        "kubernetes.default.svc",
-        "Name the apiserver certificate is verified against; empty = the dialed address.",
-    ),
-    Option(
-        "shutdown_grace",
-        ("--shutdown-grace",),
-        "SHUTDOWN_GRACE",
-        "10s",
-        "On SIGTERM/SIGINT, how long open connections may finish.",
-    ),
-    Option(
-        "discover_period",
-        ("--discover-period",),
-        "DISCOVER_PERIOD",
-        "5s",
-        "Re-list the default/kubernetes EndpointSlices at least this often.",
-    ),
-    Option(
-        "removal_grace",
-        ("--removal-grace",),
-        "REMOVAL_GRACE",
-        "30s",
-        "How long an upstream missing from discovery is kept before removal.",
-    ),
-    Option(
-        "kubeconfig",
-        ("--kubeconfig",),
-        "KUBECONFIG",
-        None,
-        "Kubeconfig with credentials for probes and discovery, below the explicit flags "
-        "(its server is one more starting upstream; KUBECONFIG may list files, a:b, first wins).",
-    ),
-    Option(
-        "as_static_pod",
-        ("--as-static-pod",),
-        "AS_STATIC_POD",
-        "false",
-        "Use the CA and client certificate in --static-pod-dir.",
-        kind="bool",
-    ),
-    Option(
-        "static_pod_dir",
-        ("--static-pod-dir",),
-        "STATIC_POD_DIR",
-        STATIC_POD_DIR,
-        "Directory with ca.crt, cl.crt, cl.key in static-pod mode.",
-    ),
-    Option(
-        "discovery",
-        ("--discovery",),
-        "DISCOVERY",
-        "true",
-        "Follow the default/kubernetes EndpointSlices (--discovery=false: static only).",
-        kind="bool",
-    ),
-    Option(
-        "drain_after",
-        ("--drain-after",),
-        "DRAIN_AFTER",
-        "10s",
-        "Close the open connections of an upstream unhealthy for this long (0 = never).",
-    ),
-)
-
-OPTION_BY_NAME = {o.name: o for o in OPTIONS}
-
-_TRUE = {"1", "t", "true", "y", "yes", "on"}
-_FALSE = {"0", "f", "false", "n", "no", "off"}
-
 
 @attrs.frozen
 class Config:
-    listen_addr: str = "0.0.0.0"
-    listen_port: int = 7443
-    health_host: str = ""
-    health_port: int = 8080
-    log_level: str = "info"
-    dial_timeout: float = 5.0
-    keepalive_period: float = 1.0
-    tcp_user_timeout: float = 5.0
-    health_interval: float = 1.0
-    health_timeout: float = 0.1
-    health_jitter: float = 0.2
-    fallback_upstreams: tuple[Address, ...] = ()
-    fallback_file: str | None = None
+    """What kap runs with. Built by ``parse_config`` only.
+
+    The first fields are the options, one per row of ``kap.options.OPTIONS``,
+    of the same name and of the type its kind parses to; their defaults are
+    the table's (none is written here). The rest are resolved from several
+    options and the environment.
+    """
+
+    listen_addr: str
+    listen_port: int
+    health_listen: tuple[str, int]  # host ('' = all), port
+    log_level: str
+    dial_timeout: float
+    keepalive_period: float
+    tcp_user_timeout: float
+    health_interval: float
+    health_timeout: float
+    health_jitter: float
+    fallback_upstreams: tuple[Address, ...]
+    fallback_file: str | None
+    # The credential files as given by the flags (absolute); ``credentials`` is what is used.
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    token_file: str | None
+    tls_server_name: str
+    shutdown_grace: float
+    discover_period: float
+    removal_grace: float
+    kubeconfig: str | None  # as given (a:b lists files)
+    as_static_pod: bool
+    static_pod_dir: str
+    discovery: bool
+    drain_after: float
+
     credentials: Credentials = attrs.field(factory=Credentials)
-    tls_server_name: str = "kubernetes.default.svc"
-    shutdown_grace: float = 10.0
-    discover_period: float = 5.0
-    removal_grace: float = 30.0
-    kubeconfig: str | None = None
     # The kubeconfig's server (one more starting upstream) and context; ``kubeconfig_files``
     # keeps its inline data's temporary files open as long as kap runs.
     kubeconfig_seed: Address | None = None
     kubeconfig_context: str | None = None
     kubeconfig_files: tuple[Any, ...] = attrs.field(default=(), eq=False, repr=False)
-    as_static_pod: bool = False
-    static_pod_dir: str = STATIC_POD_DIR
-    discovery: bool = True
-    drain_after: float = 10.0
     # KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT, the last resort when no
     # upstream is usable (set by kubelet in every pod's environment).
     default_service: Address | None = None
     # Problems that do not stop kap (missing default credentials): logged at start.
     warnings: tuple[str, ...] = ()
+
+    @property
+    def health_host(self) -> str:
+        return self.health_listen[0]
+
+    @property
+    def health_port(self) -> int:
+        return self.health_listen[1]
 
 
 class ConfigError(Exception):
@@ -269,42 +108,18 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def parse_bool(text: str) -> bool:
-    v = text.strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise ValueError(f"{text!r} is not a boolean (true or false)")
+@attrs.define
+class _Problems:
+    """The lines collected so far; ``bad(option name, why)`` adds one."""
 
+    lines: list[str] = attrs.field(factory=list)
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``[host]:port`` / ``host:port`` / ``:port`` for a listener; host '' = all."""
-    raw = text.strip()
-    if raw.startswith(":"):
-        return "", _listen_port(raw[1:], text)
-    if raw.startswith("["):
-        end = raw.find("]")
-        if end < 0 or raw[end + 1 : end + 2] != ":":
-            raise AddressError(f"{text!r}: expected [IPv6]:port")
-        return parse_ip(raw[1:end]), _listen_port(raw[end + 2 :], text)
-    host, sep, port = raw.rpartition(":")
-    if not sep:
-        raise AddressError(f"{text!r}: expected host:port or :port")
-    return parse_ip(host), _listen_port(port, text)
+    def bad(self, name: str, why: str) -> None:
+        self.lines.append(OPTION_BY_NAME[name].problem(why))
 
-
-def _listen_port(text: str, whole: str) -> int:
-    if text == "0":
-        return 0
-    return parse_port(text, what=repr(whole))
-
-
-def parse_ip(text: str) -> str:
-    try:
-        return ipaddress.ip_address(text.strip()).compressed
-    except ValueError:
-        raise AddressError(f"{text!r} is not an IP address") from None
+    def raise_any(self) -> None:
+        if self.lines:
+            raise ConfigError(self.lines)
 
 
 def parse_config(
@@ -333,153 +148,100 @@ def parse_config(
     Raises:
       ConfigError: with one line per invalid option.
     """
-    problems: list[str] = []
+    disk = Disk(readable=readable, is_dir=is_dir, cwd=cwd)
+    problems = _Problems()
+    config = parse_options(values, disk, problems.bad)
+    _check_cert_and_key(values, problems.bad)
+    kubeconfig = load_kubeconfig_option(
+        values.get("kubeconfig"), disk.absolute, load_kubeconfig, problems.bad
+    )
+    if problems.lines or config is None:
+        raise ConfigError(problems.lines)
     warnings: list[str] = []
-    out: dict[str, object] = {}
-
-    def raw(name: str) -> str | None:
-        v = values.get(name)
-        return OPTION_BY_NAME[name].default if v is None else v
-
-    def bad(name: str, why: str) -> None:
-        opt = OPTION_BY_NAME[name]
-        problems.append(f"invalid {opt.flags[0]} (env {opt.env}): {why}")
-
-    def duration(name: str, *, positive: bool = True) -> None:
-        text = raw(name) or ""
-        try:
-            secs = parse_duration(text)
-        except DurationError as e:
-            bad(name, str(e))
-            return
-        if positive and secs <= 0:
-            bad(name, f"{text!r}: must be greater than 0")
-            return
-        out[name] = secs
-
-    def boolean(name: str) -> None:
-        try:
-            out[name] = parse_bool(raw(name) or "")
-        except ValueError as e:
-            bad(name, str(e))
-
-    try:
-        out["listen_addr"] = parse_ip(raw("listen_addr") or "")
-    except AddressError as e:
-        bad("listen_addr", str(e))
-    try:
-        out["listen_port"] = _listen_port(
-            (raw("listen_port") or "").strip(), raw("listen_port") or ""
-        )
-    except AddressError as e:
-        bad("listen_port", str(e))
-    try:
-        out["health_host"], out["health_port"] = parse_host_port(raw("health_listen") or "")
-    except AddressError as e:
-        bad("health_listen", str(e))
-
-    level = (raw("log_level") or "").strip().lower()
-    level = "warn" if level == "warning" else level
-    if level in LOG_LEVELS:
-        out["log_level"] = level
-    else:
-        bad("log_level", f"{raw('log_level')!r}: expected one of {', '.join(LOG_LEVELS)}")
-
-    for name in (
-        "dial_timeout",
-        "keepalive_period",
-        "tcp_user_timeout",
-        "health_interval",
-        "health_timeout",
-        "discover_period",
-    ):
-        duration(name)
-    for name in ("shutdown_grace", "removal_grace", "drain_after"):
-        duration(name, positive=False)
-
-    jitter_text = raw("health_jitter") or ""
-    try:
-        jitter = float(jitter_text)
-    except ValueError:
-        bad("health_jitter", f"{jitter_text!r} is not a number")
-    else:
-        if not 0.0 <= jitter <= 1.0:
-            bad("health_jitter", f"{jitter_text!r}: must be between 0 and 1")
-        else:
-            out["health_jitter"] = jitter
-
-    try:
-        out["fallback_upstreams"] = tuple(parse_list(raw("fallback_upstreams") or ""))
-    except AddressError as e:
-        bad("fallback_upstreams", str(e))
-
-    tls_server_name = values.get("tls_server_name")
-    out["tls_server_name"] = (raw("tls_server_name") or "").strip()
-    boolean("as_static_pod")
-    boolean("discovery")
-    here = os.getcwd() if cwd is None else cwd
-
-    def absolute(path: str) -> str:
-        """Relative to the working directory, as in any CLI (made absolute once, here)."""
-        return posixpath.normpath(posixpath.join(here, path.strip()))
-
-    out["static_pod_dir"] = absolute(raw("static_pod_dir") or STATIC_POD_DIR)
-
-    # Files given explicitly must be readable now: a typo fails fast, not at
-    # the first probe. The fallback file is exempt (kap creates and repairs it),
-    # but not its directory.
-    given: dict[str, str] = {}
-    for name in ("ca_file", "cert_file", "key_file", "token_file"):
-        path = values.get(name)
-        if path is not None and path.strip():
-            why = readable(absolute(path))
-            if why is not None:
-                bad(name, f"{path!r}: {why}")
-            given[name] = path
-    fallback_file = values.get("fallback_file")
-    out["fallback_file"] = None
-    if fallback_file and fallback_file.strip():
-        out["fallback_file"] = absolute(fallback_file)
-        parent = posixpath.dirname(str(out["fallback_file"]))
-        if not is_dir(parent):
-            bad("fallback_file", f"{fallback_file!r}: directory {parent} does not exist")
-
-    if bool(given.get("cert_file")) != bool(given.get("key_file")):
-        missing = "key_file" if given.get("cert_file") else "cert_file"
-        other = "--cert-file" if missing == "key_file" else "--key-file"
-        bad(missing, f"required together with {other}")
-
-    kubeconfig = load_kubeconfig_option(values.get("kubeconfig"), absolute, load_kubeconfig, bad)
-    if problems:
-        raise ConfigError(problems)
-
-    explicit = Credentials(origin=FLAGS, **{n: absolute(p) for n, p in given.items()})
-    out["credentials"] = resolve_files(
-        explicit,
+    credentials = resolve_files(
+        Credentials(
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+            token_file=config.token_file,
+            origin=FLAGS,
+        ),
         kubeconfig,
-        as_static_pod=bool(out["as_static_pod"]),
-        static_pod_dir=str(out["static_pod_dir"]),
-        kubeconfig_text=values.get("kubeconfig"),
+        as_static_pod=config.as_static_pod,
+        static_pod_dir=config.static_pod_dir,
+        kubeconfig_text=config.kubeconfig,
         readable=readable,
         check=check,
-        bad=bad,
+        bad=problems.bad,
         warnings=warnings,
     )
-    if problems:
-        raise ConfigError(problems)
+    problems.raise_any()
+    config = attrs.evolve(config, credentials=credentials)
     if kubeconfig is not None:
+        config = _with_kubeconfig(config, kubeconfig, values.get("tls_server_name") is None)
         warnings.extend(kubeconfig.warnings)
-        out["kubeconfig"] = values.get("kubeconfig")
-        out["kubeconfig_seed"] = kubeconfig.seed
-        out["kubeconfig_context"] = kubeconfig.context
-        out["kubeconfig_files"] = kubeconfig.files
-        if tls_server_name is None and kubeconfig.tls_server_name:
-            out["tls_server_name"] = kubeconfig.tls_server_name
-    out["default_service"] = _default_service(environ, warnings)
-    if out["health_timeout"] >= out["health_interval"]:  # type: ignore[operator]
+    default_service = _default_service(environ, warnings)
+    if config.health_timeout >= config.health_interval:
         warnings.append("--health-timeout is not shorter than --health-interval: probes overlap")
-    out["warnings"] = tuple(warnings)
-    return Config(**out)  # type: ignore[arg-type]
+    return attrs.evolve(config, default_service=default_service, warnings=tuple(warnings))
+
+
+def parse_option(option: Option, text: str | None, disk: Disk) -> Any:
+    """The typed value of one option given ``text`` (None: not given, the default).
+
+    Raises:
+      ValueError: the reason, for ``option.problem``.
+    """
+    if text is None or (option.kind.blank_is_default and not text.strip()):
+        text = option.default
+    if text is None:
+        return None
+    return option.kind.parse(text, disk)
+
+
+def parse_options(
+    values: Mapping[str, str | None], disk: Disk, bad: Callable[[str, str], None]
+) -> Config | None:
+    """Every option on its own, by its kind: a Config, or None after ``bad`` for each problem.
+
+    The fields are typed by their kinds (tests/test_config.py holds each
+    kind to its field's type), which is why building the Config from the
+    parsed values by name is safe.
+    """
+    fields: dict[str, Any] = {}
+    for option in OPTIONS:
+        try:
+            fields[option.name] = parse_option(option, values.get(option.name), disk)
+        except ValueError as e:
+            bad(option.name, str(e))
+    if len(fields) < len(OPTIONS):
+        return None
+    return Config(**fields)
+
+
+def _check_cert_and_key(values: Mapping[str, str | None], bad: Callable[[str, str], None]) -> None:
+    """A client certificate is given with its key, or neither is."""
+    cert, key = (bool((values.get(n) or "").strip()) for n in ("cert_file", "key_file"))
+    if cert and not key:
+        bad("key_file", "required together with --cert-file")
+    elif key and not cert:
+        bad("cert_file", "required together with --key-file")
+
+
+def _with_kubeconfig(
+    config: Config, kubeconfig: KubeconfigCredentials, take_tls_server_name: bool
+) -> Config:
+    """The kubeconfig's seed and context; its tls-server-name unless the flag was given."""
+    server_name = config.tls_server_name
+    if take_tls_server_name and kubeconfig.tls_server_name:
+        server_name = kubeconfig.tls_server_name
+    return attrs.evolve(
+        config,
+        kubeconfig_seed=kubeconfig.seed,
+        kubeconfig_context=kubeconfig.context,
+        kubeconfig_files=kubeconfig.files,
+        tls_server_name=server_name,
+    )
 
 
 def _default_service(environ: Mapping[str, str], warnings: list[str]) -> Address | None:

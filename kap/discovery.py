@@ -79,7 +79,7 @@ from loguru import logger
 from kap import slices
 from kap.address import Address
 from kap.config import Config
-from kap.credentials import CredentialFiles
+from kap.credentials import NO_CA, CredentialFiles
 from kap.kubeconfig import KubeconfigCredentials
 from kap.pool import Pool
 from kap.probe import describe_error
@@ -304,7 +304,7 @@ class EndpointSliceWatcher:
         if not self.credentials.verifies:
             out.append(
                 (
-                    "no CA to verify the apiservers (credentials go only to a verified apiserver)",
+                    NO_CA,
                     "--ca-file, a kubeconfig with a certificate authority, --as-static-pod "
                     "or a ServiceAccount",
                 )
@@ -318,7 +318,7 @@ class EndpointSliceWatcher:
             self.mode = "off"
             self.last_error = "; ".join(why for why, _ in off)
             give = "; ".join(what for _, what in off)
-            logger.bind(credentials=self.credentials.files.origin).error(
+            logger.bind(credentials=self.credentials.files.origin, error=self.last_error).error(
                 f"discovery is off: {self.last_error}. Give {give}. "
                 "kap balances the starting upstreams only"
             )

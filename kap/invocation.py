@@ -45,7 +45,7 @@ class Invocation:
                 continue
             if eq:
                 value = given
-            elif option.kind == "bool":
+            elif option.kind.is_flag:
                 value = "true"
             elif i + 1 < len(args):
                 value = args[i + 1]

@@ -6,7 +6,10 @@ connection is one task in that nursery with a cancel scope of its own
 closes both sockets however it ends. The dial's wait is the relay's: the task
 begins a non-blocking connect and hands the connecting socket to the pump,
 which watches it in its own epoll set, enforces the dial deadline and starts
-relaying once it connects, so the task sleeps once per upstream it tries.
+relaying once it connects, so the task sleeps once per upstream it tries. What
+happened comes back as the relay's typed outcome (kap/relay/outcome.py): the
+pump calls nobody back, so the task counts the connection as its upstream's
+from the start of each dial (``Proxy.connections_to``, the pool's counts).
 Cancelling the scope (drain of an upstream, removal, shutdown) ends exactly
 that connection. A nursery per connection would hold exactly one child
 here; the task's own scope gives the same ownership without the cost.
@@ -18,7 +21,6 @@ counted; accept() survives running out of file descriptors (log, back off
 
 from __future__ import annotations
 
-import functools
 import random
 import socket
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from loguru import logger
 
 from kap.address import Address
 from kap.pool import Change, Pool, Upstream
-from kap.relay import CONNECT_TIMEOUT, Relay, RelayResult
+from kap.relay import DialFailed, DialFailure, Ending, Relay, Relayed, RelayResult, Side
 from kap.sockets import (
     ACCEPT_CAPACITY_ERRORS,
     ACCEPT_SKIP_ERRORS,
@@ -53,15 +55,16 @@ ACCEPT_BATCH = 64
 
 @attrs.define(eq=False)
 class Connection:
-    """One client connection's lifetime: its cancel scope and where it went.
+    """One client connection's lifetime: its cancel scope and where it goes.
 
-    ``upstream`` and ``connected_at`` are set once a dial succeeded, which is
-    also when the connection is tracked (``Proxy.connections_to``).
+    ``upstream`` is the upstream being dialed or relayed to. The connection is
+    tracked (``Proxy.connections_to``, the pool's connection counts) from the
+    start of each dial, so draining or removing an upstream also cancels the
+    clients still connecting to it, and the relay never calls back.
     """
 
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     upstream: Address | None = None
-    connected_at: float | None = None
     failed_dials: int = 0
 
 
@@ -179,18 +182,14 @@ class Proxy:
                     later = self.pool.candidates()[::-1]  # nothing usable: Service, the rest
                     address = later.pop() if later else None
                 while address is not None:
-                    result = None
                     sock: socket.socket | None = None
                     try:
                         sock = start_connect(
                             ip_target(address) or await resolve(address), self.options
                         )
-                        conn.upstream = address
+                        self._track(conn, address)
                         result = await self.relay.relay(
-                            client,
-                            sock,
-                            connect_by=trio.current_time() + self.dial_timeout,
-                            on_connected=functools.partial(self._track, conn),
+                            client, sock, connect_by=trio.current_time() + self.dial_timeout
                         )
                     except LocalResourceError as e:
                         # Out of fds here: no upstream is to blame; this client
@@ -199,22 +198,16 @@ class Proxy:
                         logger.bind(error=e.strerror).error("cannot dial: out of resources")
                         return
                     except OSError as e:  # DialError included: refused at once, unresolved
-                        why = _dial_reason(e, self.dial_timeout)
+                        result = DialFailed(DialFailure.ERROR, _dial_reason(e))
                     finally:
-                        if conn.connected_at is not None:
+                        if conn.upstream is not None:
                             self._untrack(conn)
                         if sock is not None:
                             sock.close()
-                    if result is not None:
-                        if not result.dial_failed:
-                            self._finished(conn, address, result)
-                            return
-                        if result.error == CONNECT_TIMEOUT:
-                            why = f"timeout after {self.dial_timeout:g}s"
-                        else:
-                            why = result.error or "dial failed"
-                    conn.upstream = None
-                    self._dial_failed(conn, address, why)
+                    if isinstance(result, Relayed):
+                        self._finished(conn, address, result)
+                        return
+                    self._dial_failed(conn, address, result)
                     if later is None:  # the first failure: the pick is the one tried
                         later = [a for a in self.pool.candidates() if a != address][::-1]
                     address = later.pop() if later else None
@@ -229,17 +222,24 @@ class Proxy:
         finally:
             client.close()
 
-    def _dial_failed(self, conn: Connection, address: Address, why: str) -> None:
+    def _dial_failed(self, conn: Connection, address: Address, failed: DialFailed) -> None:
         """Every failed dial counts against its upstream (passive health)."""
+        if failed.reason is DialFailure.TIMEOUT:
+            why = f"timeout after {self.dial_timeout:g}s"
+        else:
+            why = failed.error
         logger.bind(upstream=str(address), error=why).debug("dial failed")
         conn.failed_dials += 1
         changes = self.pool.record_dial_failure(address, now=trio.current_time(), error=why)
         if changes:
             self.on_changes(changes)
 
-    def _finished(self, conn: Connection, address: Address, result: RelayResult) -> None:
-        if conn.connected_at is not None:
-            self._judge(address, result, trio.current_time() - conn.connected_at)
+    def _finished(self, conn: Connection, address: Address, relayed: Relayed) -> None:
+        result = relayed.result
+        if relayed.connected_at is not None:
+            if conn.failed_dials:
+                self.stats.failovers_total += 1
+            self._judge(address, result, trio.current_time() - relayed.connected_at)
         # Keyword fields, not bind(): loguru drops a debug record before
         # building anything, bind() would build a logger per connection.
         logger.debug(
@@ -258,10 +258,10 @@ class Proxy:
         dying or refusing at the TLS layer), is counted like a failed dial.
         A client's own reset or early close is not the upstream's fault.
         """
-        if result.errored_side == "upstream":
+        if result.errored_side is Side.UPSTREAM:
             why = result.error or "upstream error"
         elif (
-            result.error is None
+            result.ending is Ending.CLOSED
             and result.bytes_down == 0
             and result.bytes_up > 0
             and lifetime < SHORT_LIVED
@@ -274,14 +274,11 @@ class Proxy:
         if changes:
             self.on_changes(changes)
 
-    def _track(self, conn: Connection) -> None:
-        """The dial of ``conn`` succeeded (called by the relay's pump)."""
-        assert conn.upstream is not None
-        conn.connected_at = trio.current_time()
-        if conn.failed_dials:
-            self.stats.failovers_total += 1
-        self._by_upstream.setdefault(conn.upstream, set()).add(conn)
-        self.pool.connection_opened(conn.upstream)
+    def _track(self, conn: Connection, address: Address) -> None:
+        """``conn`` starts dialing ``address``: it counts as that upstream's from now."""
+        conn.upstream = address
+        self._by_upstream.setdefault(address, set()).add(conn)
+        self.pool.connection_opened(address)
 
     def _untrack(self, conn: Connection) -> None:
         assert conn.upstream is not None
@@ -291,6 +288,7 @@ class Proxy:
             if not conns:
                 del self._by_upstream[conn.upstream]
         self.pool.connection_closed(conn.upstream)
+        conn.upstream = None
 
     def connections_to(self, address: Address) -> list[Connection]:
         return list(self._by_upstream.get(address, ()))
@@ -320,9 +318,5 @@ def _address_of(upstream: Upstream | None) -> Address | None:
     return None if upstream is None else upstream.address
 
 
-def _dial_reason(e: BaseException, timeout: float) -> str:
-    if isinstance(e, trio.TooSlowError):
-        return f"timeout after {timeout:g}s"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e) or type(e).__name__
+def _dial_reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import types
+import typing
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import attrs
+import click
 import pytest
+from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kap.address import Address, AddressError, parse_list
-from kap.config import OPTIONS, STATIC_POD_DIR, ConfigError, Credentials, parse_config
+from kap.cli import config_from_flags, with_kap_options
+from kap.config import Config, ConfigError, Credentials, parse_config, parse_option
 from kap.durations import DurationError, format_duration, parse_duration
+from kap.kinds import Disk
 from kap.kubeconfig import KubeconfigCredentials
+from kap.options import BEGIN, END, OPTION_BY_NAME, OPTIONS, STATIC_POD_DIR, markdown_table
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def readable_all(path: str) -> str | None:
@@ -479,3 +493,115 @@ def test_fallback_mistakes_say_what_to_give(values: dict[str, str], flag: str, w
 def test_timeout_longer_than_interval_is_a_warning() -> None:
     c = parse(health_interval="100ms", health_timeout="1s")
     assert any("--health-timeout" in w for w in c.warnings)
+
+
+# ---- the option table is the one source --------------------------------------
+
+
+def fits(value: object, annotation: Any) -> bool:
+    """Whether ``value`` is of the type ``annotation`` (the few forms Config uses)."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        return any(fits(value, a) for a in args)
+    if annotation is None or annotation is type(None):
+        return value is None
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(fits(v, a) for v, a in zip(value, args, strict=True))
+    if annotation is float:
+        return isinstance(value, float)
+    return isinstance(value, annotation)
+
+
+def test_every_default_parses_with_its_own_kind_into_its_config_field() -> None:
+    hints = typing.get_type_hints(Config)
+    for option in OPTIONS:
+        value = parse_option(option, None, Disk())
+        assert option.name in hints, f"{option.name}: no Config field of that name"
+        assert fits(value, hints[option.name]), (option.name, value, hints[option.name])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        ("dial_timeout", "1m30s", 90.0),
+        ("listen_port", " 0 ", 0),
+        ("health_listen", "[::1]:80", ("::1", 80)),
+        ("fallback_upstreams", "10.0.0.1:1", (Address("10.0.0.1", 1),)),
+        ("static_pod_dir", " ", STATIC_POD_DIR),  # blank: the default
+        ("ca_file", "", None),
+        ("ca_file", "pki/ca.crt", "/work/pki/ca.crt"),
+        ("kubeconfig", "a:b", "a:b"),
+        ("discovery", "off", False),
+        ("health_jitter", "1", 1.0),
+    ],
+)
+def test_given_values_parse_into_their_config_field_type(
+    name: str, text: str, value: object
+) -> None:
+    option = OPTION_BY_NAME[name]
+    got = parse_option(option, text, Disk(cwd="/work"))
+    assert got == value
+    assert fits(got, typing.get_type_hints(Config)[name])
+
+
+def test_config_writes_no_default_of_its_own_for_an_option() -> None:
+    names = {o.name for o in OPTIONS}
+    own = [
+        f.name for f in attrs.fields(Config) if f.name in names and f.default is not attrs.NOTHING
+    ]
+    assert own == []
+    # ... so the defaults are the table's:
+    c = parse()
+    for option in OPTIONS:
+        assert getattr(c, option.name) == parse_option(option, None, Disk()), option.name
+
+
+def test_with_kap_options_takes_every_flag_its_env_var_and_no_discovery() -> None:
+    @click.command()
+    @with_kap_options
+    def command(**values: Any) -> None:
+        config = config_from_flags(values)
+        click.echo(f"{config.as_static_pod} {config.discovery} {config.dial_timeout}")
+
+    runner = CliRunner()
+    assert runner.invoke(command, ["--as-static-pod"], env={}).output.split()[:2] == [
+        "True",
+        "True",
+    ]
+    out = runner.invoke(command, ["--discovery=false", "--dial-timeout", "2s"], env={})
+    assert out.output.split() == ["False", "False", "2.0"]
+    assert runner.invoke(command, ["--no-discovery"], env={}).output.split()[1] == "False"
+    out = runner.invoke(command, [], env={"DIAL_TIMEOUT": "3s"})
+    assert out.output.split()[2] == "3.0"
+    out = runner.invoke(command, ["--dial-timeout", "3"], env={})
+    assert out.exit_code == 2
+    assert "invalid --dial-timeout (env DIAL_TIMEOUT): " in out.output
+
+
+def page_table() -> str:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    return page.split(BEGIN + "\n", 1)[1].split(END, 1)[0]
+
+
+def test_the_configuration_page_has_the_generated_table() -> None:
+    assert page_table() == markdown_table(), (
+        "run: python -m kap.options --update docs/configuration.md"
+    )
+
+
+def test_python_m_kap_options_markdown_prints_the_pages_table() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "kap.options", "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd=ROOT,
+    )
+    assert out.stdout == page_table()
+    assert out.stdout.count("\n") == len(OPTIONS) + 2

@@ -34,7 +34,7 @@ from kap import kubeconfig
 from kap.address import Address
 from kap.app import App
 from kap.config import ConfigError, Credentials, parse_config
-from kap.credentials import CredentialFiles
+from kap.credentials import NO_CA, CredentialFiles
 from kap.discovery import BACKOFF_INITIAL, ERROR_LOG_INTERVAL, EndpointSliceWatcher, backoff_delay
 from kap.pool import SOURCE_DISCOVERY, SOURCE_FILE, SOURCE_KUBECONFIG, Pool
 
@@ -614,15 +614,10 @@ async def test_without_a_verifying_ca_discovery_is_off_and_says_why(
     config = parse_config(raw, environ={}, readable=lambda p: None if p == token else "no")
     app, bound = await start_kap(nursery, config)
     errors = messages(logs, "ERROR")
-    assert len(errors) == 1 and errors[0].startswith(
-        "discovery is off: no CA to verify the apiservers (credentials go only to a verified "
-        "apiserver). Give --ca-file, "
-    )
+    assert len(errors) == 1 and errors[0].startswith(f"discovery is off: {NO_CA}. Give --ca-file, ")
     doc = (await get_json(bound.health, "/upstreams"))["discovery"]
     assert doc["mode"] == "off"
-    assert doc["last_error"] == (
-        "no CA to verify the apiservers (credentials go only to a verified apiserver)"
-    )
+    assert doc["last_error"] == NO_CA
     # Probes still tell it alive (a 401 is alive) and clients go there; discovery never asked.
     await wait_until(lambda: len(app.pool.usable()) == 1)
     assert await who(bound.proxy) == HOSTS[0]

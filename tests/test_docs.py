@@ -208,11 +208,5 @@ def test_nothing_outside_kap_points_outside_the_repository() -> None:
     assert [name for name in pointing_outside() if not name.startswith("kap/")] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="comments in kap/relay.py, kap/probe.py and kap/sockets.py still cite notes "
-    "outside the repository; the changes that rewrite those modules remove them "
-    "(then this marker goes)",
-)
 def test_no_kap_module_points_outside_the_repository() -> None:
     assert [name for name in pointing_outside() if name.startswith("kap/")] == []

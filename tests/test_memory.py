@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes.util
+
 import pytest
 
-from kap.memory import TRIM_EVERY_ACCEPTED, TrimPolicy
+from kap.memory import TRIM_EVERY_ACCEPTED, TrimPolicy, release_free_memory
 
 
 @pytest.mark.parametrize(
@@ -22,3 +24,18 @@ from kap.memory import TRIM_EVERY_ACCEPTED, TrimPolicy
 def test_trim_policy(steps: list[tuple[int, int]], trims: list[bool]) -> None:
     policy = TrimPolicy()
     assert [policy.observe(a, t) for a, t in steps] == trims
+
+
+def test_trimming_looks_the_c_library_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """find_library forks ``ldconfig -p``: never on the event loop at every trim."""
+    looked_up: list[str] = []
+    find_library = ctypes.util.find_library
+
+    def counting(name: str) -> str | None:
+        looked_up.append(name)
+        return find_library(name)
+
+    monkeypatch.setattr(ctypes.util, "find_library", counting)
+    results = {release_free_memory() for _ in range(3)}
+    assert len(results) == 1  # the same answer every time (True with glibc)
+    assert len(looked_up) <= 1

@@ -11,9 +11,13 @@ import pytest
 import trio
 from fakeapi import PkiFiles
 from kaptest import StartFake, get_json, make_config, settled, start_kap, upstream, wait_until, who
+from relaytest import fill_accept_queue
 
 from kap.address import Address
-from kap.pool import SCORE_MAX
+from kap.pool import SCORE_MAX, Pool
+from kap.proxy import Proxy
+from kap.relay import Relay
+from kap.sockets import TcpOptions
 
 
 @pytest.fixture
@@ -315,3 +319,33 @@ async def test_upstream_that_resets_or_closes_unanswered_counts_against_it(
     assert up.suspect
     assert app.proxy.stats.passive_failures_total >= 1
     assert await who(bound.proxy) == "a"  # the next client goes elsewhere
+
+
+async def test_draining_an_upstream_also_cancels_the_clients_still_dialing_it() -> None:
+    """A connection counts as its upstream's from the start of its dial (not from the
+    relay's say-so once connected), so a drain or removal misses no dial in flight."""
+    with socket.socket() as full, trio.fail_after(10):
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = fill_accept_queue(full)  # a dial to it hangs
+        hanging = Address("127.0.0.1", full.getsockname()[1])
+        pool = Pool()
+        pool.set_source("flag", [hanging], now=trio.current_time())
+        pool.record_probe(hanging, ok=True, latency=1e-4, now=trio.current_time())
+        relay = Relay()
+        proxy = Proxy("127.0.0.1", 0, pool, relay, TcpOptions(), 30.0, on_changes=lambda _: None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            bound = await nursery.start(proxy.run)
+            client = await trio.open_tcp_stream(bound.host, bound.port)
+            await wait_until(lambda: len(proxy.connections_to(hanging)) == 1)
+            up = pool.get(hanging)
+            assert up is not None and up.active_connections == 1 and relay.dialing == 1
+            assert await proxy.close_connections(hanging) == 1
+            assert await client.receive_some(10) == b""  # closed, not left hanging
+            await wait_until(lambda: proxy.active == 0)
+            assert (up.active_connections, up.dial_failures_total, relay.dialing) == (0, 0, 0)
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+        for s in queued:
+            s.close()

@@ -1,21 +1,18 @@
-"""The byte pump, through real TCP sockets on 127.0.0.1.
+"""The byte pump (kap/relay/pump.py, direction.py), through real sockets on 127.0.0.1.
 
-Each session is four sockets: the client application's end and the relayed
-client socket (one TCP connection), the relayed upstream socket and the upstream
-server's end (another). The test plays the caller (kap/proxy.py): it hands the
-two relayed sockets to ``Relay.relay`` and closes them afterwards.
+Each session is four sockets (see tests/relaytest.py); the test plays the
+caller (kap/proxy.py): it hands the two relayed sockets to ``Relay.relay`` and
+closes them afterwards. Dialing through the pump: tests/test_relay_dials.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
-import select
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import attrs
 import pytest
@@ -24,109 +21,30 @@ import trio.lowlevel
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from relaytest import (
+    MiB,
+    Wire,
+    chunks,
+    digest_until_eof,
+    epoll_registrations,
+    fd_count,
+    make_wire,
+    running_relay,
+    send_then_eof,
+    serve,
+    sha,
+    tcp_pair,
+)
 
 from kap.relay import (
     BUFFER_SIZE,
-    CONNECT_TIMEOUT,
     PIPE_POOL_MAX,
+    Ending,
     Relay,
     RelayNotRunningError,
     RelayResult,
+    Side,
 )
-
-MiB = 1024 * 1024
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected loopback TCP pair on a kernel-chosen port."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        a = socket.create_connection(listener.getsockname())
-        b, _ = listener.accept()
-    return a, b
-
-
-@attrs.define
-class Wire:
-    client: trio.SocketStream  # the client application's end
-    upstream: trio.SocketStream  # the upstream server's end
-    csock: socket.socket  # relayed, owned by the caller
-    usock: socket.socket  # relayed, owned by the caller
-
-    async def aclose_ends(self) -> None:
-        await self.client.aclose()
-        await self.upstream.aclose()
-
-
-def make_wire() -> Wire:
-    client_end, csock = tcp_pair()
-    usock, upstream_end = tcp_pair()
-    csock.setblocking(False)
-    usock.setblocking(False)
-    return Wire(
-        trio.SocketStream(trio.socket.from_stdlib_socket(client_end)),
-        trio.SocketStream(trio.socket.from_stdlib_socket(upstream_end)),
-        csock,
-        usock,
-    )
-
-
-async def serve(relay: Relay, wire: Wire) -> RelayResult:
-    """What the proxy does: relay, then close both sockets whatever happened."""
-    try:
-        return await relay.relay(wire.csock, wire.usock)
-    finally:
-        wire.csock.close()
-        wire.usock.close()
-
-
-@contextlib.asynccontextmanager
-async def running_relay() -> AsyncIterator[Relay]:
-    relay = Relay()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
-        yield relay
-        nursery.cancel_scope.cancel()
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def epoll_registrations(relay: Relay) -> int:
-    """Sockets registered in the pump's epoll set, as the kernel lists them."""
-    assert relay._epoll is not None
-    with open(f"/proc/self/fdinfo/{relay._epoll.fileno()}") as f:
-        return sum(1 for line in f if line.startswith("tfd:"))
-
-
-def chunks(data: bytes, rng: random.Random, largest: int) -> list[bytes]:
-    out = []
-    i = 0
-    while i < len(data):
-        n = rng.randint(1, largest)
-        out.append(data[i : i + n])
-        i += n
-    return out
-
-
-async def send_then_eof(stream: trio.SocketStream, pieces: list[bytes], pause: float = 0) -> None:
-    for piece in pieces:
-        await stream.send_all(piece)
-        if pause:
-            await trio.sleep(pause)
-    await stream.send_eof()
-
-
-async def digest_until_eof(stream: trio.SocketStream, into: list[str], limit: int = MiB) -> None:
-    h = hashlib.sha256()
-    while data := await stream.receive_some(limit):
-        h.update(data)
-    into.append(h.hexdigest())
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
 
 # -- bytes arrive intact -------------------------------------------------------
 
@@ -168,6 +86,7 @@ async def test_random_data_arrives_intact_both_ways_through_concurrent_sessions(
             assert [g[0] for g in got_up] == [sha(d) for d in ups]
             assert [g[0] for g in got_down] == [sha(d) for d in downs]
             assert all(r.error is None and r.errored_side is None for r in results)
+            assert all(r.ending is Ending.CLOSED for r in results)
             assert sorted(r.bytes_up for r in results) == sorted(len(d) for d in ups)
             assert sorted(r.bytes_down for r in results) == sorted(len(d) for d in downs)
             assert relay.bytes_up == sum(map(len, ups))
@@ -267,8 +186,7 @@ def test_any_chunking_timing_and_half_close_order_is_lossless(
 
     async def main() -> None:
         with trio.fail_after(30):
-            async with running_relay() as relay:
-                relay._splice = scenario.splice
+            async with running_relay(splice=scenario.splice) as relay:
                 w = make_wire()
                 got_up: list[str] = []
                 got_down: list[str] = []
@@ -285,7 +203,7 @@ def test_any_chunking_timing_and_half_close_order_is_lossless(
                     n.start_soon(digest_until_eof, w.client, got_down, scenario.read_limit)
                 assert got_up == [sha(b"".join(up))]
                 assert got_down == [sha(b"".join(down))]
-                assert results[0] == RelayResult(sum(map(len, up)), sum(map(len, down)), None, None)
+                assert results[0] == RelayResult(sum(map(len, up)), sum(map(len, down)))
                 await w.aclose_ends()
 
     trio.run(main)
@@ -299,8 +217,7 @@ async def test_bulk_transfer_both_ways_arrives_intact(splice: bool) -> None:
     size = 64 * MiB if splice else 16 * MiB
     up, down = os.urandom(size), os.urandom(size)
     with trio.fail_after(30):
-        async with running_relay() as relay:
-            relay._splice = splice
+        async with running_relay(splice=splice) as relay:
             w = make_wire()
             got_up: list[str] = []
             got_down: list[str] = []
@@ -313,7 +230,7 @@ async def test_bulk_transfer_both_ways_arrives_intact(splice: bool) -> None:
             async def watch_pipes() -> None:
                 nonlocal most_pipes
                 while True:
-                    most_pipes = max(most_pipes, relay.pipes_in_use)
+                    most_pipes = max(most_pipes, relay.pipes.in_use)
                     await trio.lowlevel.checkpoint()
 
             async with trio.open_nursery() as n:
@@ -327,12 +244,12 @@ async def test_bulk_transfer_both_ways_arrives_intact(splice: bool) -> None:
                 n.cancel_scope.cancel()
             assert got_up == [sha(up)]
             assert got_down == [sha(down)]
-            assert results == [RelayResult(size, size, None, None)]
+            assert results == [RelayResult(size, size)]
             if splice:
                 assert relay.bytes_spliced > 0, "a bulk direction should have switched to splice"
             else:
                 assert relay.bytes_spliced == most_pipes == 0
-            assert relay.pipes_in_use == 0
+            assert relay.pipes.in_use == 0
             await w.aclose_ends()
 
 
@@ -362,13 +279,13 @@ async def test_slow_reader_holds_back_the_writer_without_losing_bytes() -> None:
                 # most one read or one pipe, so the client is still blocked.
                 assert not sent.is_set()
                 assert relay.bytes_up < 24 * MiB
-                assert relay.pipes_in_use <= 1
+                assert relay.pipes.in_use <= 1
                 # Now a reader of small pieces: many stop-and-go cycles.
                 await digest_until_eof(w.upstream, got, 65536)
                 await w.upstream.send_eof()
                 assert await w.client.receive_some(10) == b""
             assert got == [sha(data)]
-            assert results == [RelayResult(len(data), 0, None, None)]
+            assert results == [RelayResult(len(data), 0)]
             await w.aclose_ends()
 
 
@@ -404,7 +321,8 @@ async def test_reset_on_one_side_resets_the_other(side: str) -> None:
                 resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
                 await resetter.aclose()
             assert results[0].error == f"{side} reset"
-            assert results[0].errored_side == side
+            assert results[0].errored_side is Side(side)
+            assert results[0].ending is Ending.FAILED
             assert (results[0].bytes_up, results[0].bytes_down) == (
                 (0, 5) if side == "upstream" else (5, 0)
             )
@@ -436,7 +354,7 @@ async def test_upstream_reset_while_data_is_pending_resets_the_client() -> None:
                 await trio.sleep(0.2)  # the upstream never reads: everything backs up
                 w.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
                 await w.upstream.aclose()
-            assert results[0].errored_side == "upstream"
+            assert results[0].errored_side is Side.UPSTREAM
             assert results[0].error == "upstream reset"
             # The blocked send is the first to learn of the client's reset.
             assert len(flood_errors) == 1
@@ -460,7 +378,7 @@ async def test_reset_after_fin_is_noticed_while_the_other_side_is_idle() -> None
                 assert await w.client.receive_some(10) == b""
                 w.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
                 await w.upstream.aclose()
-            assert results[0] == RelayResult(0, 0, "upstream reset", "upstream")
+            assert results[0] == RelayResult(0, 0, Ending.FAILED, Side.UPSTREAM, "upstream reset")
             # The client already had a FIN, so Linux reports the RST to its next
             # write (EPIPE in CLOSE_WAIT), not to reads.
             await trio.sleep(0.01)
@@ -507,12 +425,12 @@ async def test_cancelled_relay_unregisters_both_sockets_and_returns_its_pipes() 
                 await trio.sleep(0.05)
                 assert cancelled == 8
                 assert relay.active == 0
-                assert relay.pipes_in_use == 0
+                assert relay.pipes.in_use == 0
                 assert epoll_registrations(relay) == 0
                 for w in wires:
                     await w.aclose_ends()
             # Only pooled (empty) pipes remain, two fds each.
-            assert fd_count() - with_relay == 2 * len(relay._pipes) <= 2 * PIPE_POOL_MAX
+            assert fd_count() - with_relay == 2 * relay.pipes.idle <= 2 * PIPE_POOL_MAX
         assert fd_count() == baseline
 
 
@@ -531,7 +449,7 @@ async def test_idle_sessions_hold_two_fds_each_and_no_pipes() -> None:
                     got += await w.upstream.receive_some(MiB)
                 assert got == blob
                 await trio.sleep(0.05)
-                assert relay.pipes_in_use == 0
+                assert relay.pipes.in_use == 0
                 await w.aclose_ends()
 
             before = fd_count()
@@ -545,7 +463,7 @@ async def test_idle_sessions_hold_two_fds_each_and_no_pipes() -> None:
                     assert await w.upstream.receive_some(10) == b"ping"
                     assert await w.client.receive_some(10) == b"pong"
                 assert relay.active == sessions
-                assert relay.pipes_in_use == 0
+                assert relay.pipes.in_use == 0
                 assert epoll_registrations(relay) == 2 * sessions
                 # The two relayed sockets plus the test's two ends: no pipes.
                 assert fd_count() - before == 4 * sessions
@@ -573,7 +491,7 @@ async def test_stopping_run_ends_open_sessions_promptly() -> None:
             await trio.sleep(0.05)
             assert relay.active == 5
             pump.cancel_scope.cancel()
-        assert results == [RelayResult(1, 0, "relay stopped", None)] * 5
+        assert results == [RelayResult(1, 0, Ending.STOPPED, None, "relay stopped")] * 5
         assert relay.active == 0
         late = make_wire()
         with pytest.raises(RelayNotRunningError):
@@ -722,171 +640,5 @@ async def test_unix_socketpairs_relay_too() -> None:
                 n.start_soon(digest_until_eof, w.client, got_down)
             assert got_up == [sha(data)]
             assert got_down == [sha(b"bye")]
-            assert results == [RelayResult(len(data), 3, None, None)]
+            assert results == [RelayResult(len(data), 3)]
             await w.aclose_ends()
-
-
-# -- dialing through the pump (relay(..., connect_by=...)) -----------------------
-
-
-def fill_accept_queue(listener: socket.socket) -> list[socket.socket]:
-    """Connects that fill a ``listen(0)`` queue, so later SYNs are dropped (a dial hangs)."""
-    queued = [connecting_socket(listener.getsockname()) for _ in range(3)]
-    _, writable, _ = select.select([], queued, [], 1.0)  # the ones that got in
-    assert writable
-    return queued
-
-
-def connecting_socket(address: tuple[str, int]) -> socket.socket:
-    """A non-blocking socket whose connect() to ``address`` has begun, as the proxy's."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    sock.connect_ex(address)
-    return sock
-
-
-async def test_dial_through_the_pump_connects_then_relays_both_ways() -> None:
-    client_end, csock = tcp_pair()
-    csock.setblocking(False)
-    client = trio.SocketStream(trio.socket.from_stdlib_socket(client_end))
-    with socket.create_server(("127.0.0.1", 0)) as listener, trio.fail_after(10):
-        async with running_relay() as relay, trio.open_nursery() as n:
-            await client.send_all(b"sent before the upstream answered")
-            usock = connecting_socket(listener.getsockname())
-            connected: list[int] = []
-            results: list[RelayResult] = []
-
-            async def caller() -> None:
-                try:
-                    results.append(
-                        await relay.relay(
-                            csock,
-                            usock,
-                            connect_by=trio.current_time() + 5,
-                            on_connected=lambda: connected.append(relay.bytes_up),
-                        )
-                    )
-                finally:
-                    csock.close()
-                    usock.close()
-
-            n.start_soon(caller)
-            await wait_for(lambda: connected == [0])  # before any byte moved
-            end, _ = listener.accept()
-            upstream = trio.SocketStream(trio.socket.from_stdlib_socket(end))
-            assert await upstream.receive_some(100) == b"sent before the upstream answered"
-            await upstream.send_all(b"answer")
-            assert await client.receive_some(100) == b"answer"
-            await client.send_eof()
-            assert await upstream.receive_some(100) == b""
-            await upstream.aclose()
-            assert await client.receive_some(100) == b""
-            await client.aclose()
-        assert results == [RelayResult(33, 6, None, None)]
-        assert relay._dialing == {} and relay._by_fd == {}
-
-
-async def test_refused_dial_through_the_pump_leaves_the_client_for_the_next_try() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        refused = s.getsockname()  # bound, not listening
-        w = make_wire()
-        with trio.fail_after(10):
-            async with running_relay() as relay:
-                await w.client.send_all(b"kept for the next upstream")
-                dead = connecting_socket(refused)
-                try:
-                    result = await relay.relay(
-                        w.csock,
-                        dead,
-                        connect_by=trio.current_time() + 5,
-                        on_connected=lambda: pytest.fail("never connected"),
-                    )
-                finally:
-                    dead.close()
-                assert result == RelayResult(0, 0, "Connection refused", "upstream", True)
-                assert relay.active == 0 and relay._dialing == {}
-                assert epoll_registrations(relay) == 0
-                # The client socket is untouched: the next upstream gets its bytes.
-                assert await serve_and_check(relay, w) == RelayResult(26, 0, None, None)
-
-
-async def serve_and_check(relay: Relay, w: Wire) -> RelayResult:
-    async with trio.open_nursery() as n:
-        results: list[RelayResult] = []
-
-        async def run() -> None:
-            results.append(await serve(relay, w))
-
-        n.start_soon(run)
-        assert await w.upstream.receive_some(100) == b"kept for the next upstream"
-        await w.upstream.send_eof()
-        await w.client.send_eof()
-        assert await w.client.receive_some(100) == b""
-        assert await w.upstream.receive_some(100) == b""
-    await w.aclose_ends()
-    return results[0]
-
-
-async def test_dial_through_the_pump_times_out_at_connect_by() -> None:
-    # A listener whose accept queue is full drops further SYNs: a connect hangs.
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        queued = fill_accept_queue(full)
-        w = make_wire()
-        with trio.fail_after(10):
-            async with running_relay() as relay:
-                hanging = [connecting_socket(full.getsockname()) for _ in range(3)]
-                results: dict[int, RelayResult] = {}
-                started = trio.current_time()
-
-                async def dial(i: int, after: float) -> None:
-                    results[i] = await relay.relay(
-                        socket.socket(fileno=os.dup(w.csock.fileno())) if i else w.csock,
-                        hanging[i],
-                        connect_by=started + after,
-                    )
-                    assert trio.current_time() - started == pytest.approx(after, abs=0.15)
-
-                async with trio.open_nursery() as n:
-                    # Later deadlines first: the expiry task must wake for the earliest.
-                    for i, after in ((0, 0.6), (1, 0.4), (2, 0.2)):
-                        n.start_soon(dial, i, after)
-                for sock in hanging:
-                    sock.close()
-                assert set(results.values()) == {
-                    RelayResult(0, 0, CONNECT_TIMEOUT, "upstream", True)
-                }
-                assert relay.active == 0 and relay._dialing == {}
-        for s in queued:
-            s.close()
-        w.csock.close()
-        w.usock.close()
-        await w.aclose_ends()
-
-
-async def test_cancelled_dial_through_the_pump_unregisters_the_upstream() -> None:
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        queued = fill_accept_queue(full)
-        w = make_wire()
-        with trio.fail_after(10):
-            async with running_relay() as relay:
-                hanging = connecting_socket(full.getsockname())
-                with trio.move_on_after(0.2) as scope:
-                    await relay.relay(w.csock, hanging, connect_by=trio.current_time() + 5)
-                assert scope.cancelled_caught
-                assert relay.active == 0 and relay._dialing == {}
-                assert epoll_registrations(relay) == 0
-                hanging.close()
-        for s in queued:
-            s.close()
-        w.csock.close()
-        w.usock.close()
-        await w.aclose_ends()
-
-
-async def wait_for(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await trio.sleep(0.01)
