@@ -203,6 +203,7 @@ class CredentialFiles:
             return self._context  # type: ignore[return-value]  # set by _not_loaded
         if self._context is not None:
             logger.bind(generation=self.generation + 1).info("TLS credentials reloaded")
+        # As build_ssl_context: the client certificate only with a CA, and with its key.
         presents_cert = f.ca_file is not None and f.key_file is not None
         self._use(ctx, complete=True, ca=f.ca_file, cert=f.cert_file if presents_cert else None)
         return ctx
