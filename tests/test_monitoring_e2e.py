@@ -43,7 +43,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -335,7 +334,7 @@ async def test_alerts_fire_and_resolve_in_a_real_prometheus(
                 stdout=subprocess.DEVNULL,
                 stderr=stack.enter_context(open(tmp_path / "prometheus.log", "wb")),  # noqa: ASYNC230, SIM115
             )
-            stack.callback(_stop, process)
+            stack.push_async_callback(_stop, process)
             started = trio.current_time()
             # Every kap scraped (up == 1), and the start-up absent(up) of
             # KapDown gone, before anything is recorded.
@@ -501,13 +500,13 @@ def split(text: str | None) -> Any:
     return Address(host.strip("[]"), int(port))
 
 
-def _stop(process: trio.Process) -> None:
+async def _stop(process: trio.Process) -> None:
     """SIGTERM Prometheus by its PID, then SIGKILL if it has not gone within 5 s."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if process.poll() is None:
-        process.kill()
+    with trio.CancelScope(shield=True):
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(5):
+                await process.wait()
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
