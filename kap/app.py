@@ -143,8 +143,8 @@ class App:
     def on_changes(self, changes: list[Change]) -> None:
         """Log what changed about upstreams; follow membership changes with the probes.
 
-        An upstream turning usable is passed on to discovery, which leaves
-        the default Service for it.
+        An upstream turning usable or unusable is passed on to discovery,
+        which leaves the default Service, or an upstream no longer usable.
         """
         for ch in changes:
             log = logger.bind(upstream=str(ch.address), reason=ch.reason)
@@ -165,8 +165,10 @@ class App:
                 log.info(f"upstream {ch.kind}")
         if any(ch.kind in MEMBERSHIP_KINDS for ch in changes):
             self.probes.sync()
-        if self.discovery is not None and any(ch.kind == "healthy" for ch in changes):
-            self.discovery.upstream_usable()
+        if self.discovery is not None and any(
+            ch.kind in ("healthy", "unhealthy", "removed") for ch in changes
+        ):
+            self.discovery.usable_changed()
 
     def set_source(self, source: str, addresses: list[Address]) -> None:
         self.on_changes(self.pool.set_source(source, addresses, now=trio.current_time()))

@@ -27,10 +27,11 @@ from kap import slices
 from kap.address import Address
 from kap.check_report import DiscoveryFacts, UpstreamFacts
 from kap.credentials import CredentialFiles
-from kap.discovery import NAMESPACE, SERVICE, SERVICE_NAME_LABEL
+from kap.discovery import NAMESPACE, SERVICE
 from kap.pool import SOURCE_DISCOVERY
 from kap.probe import PROBE_ERRORS, READYZ_PATH, describe_error
 from kap.probe_connection import Http11Connection
+from kap.reflector import SERVICE_NAME_LABEL
 from kap.status import _why as connect_error
 
 # An EndpointSlice list of a control plane is a few KiB; 16 MiB is not one.

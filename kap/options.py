@@ -217,7 +217,8 @@ OPTIONS: tuple[Option, ...] = (
         ("--discover-period",),
         "DISCOVER_PERIOD",
         "5s",
-        "Re-list the default/kubernetes EndpointSlices at least this often.",
+        "Refresh interval: while a watch is live nothing is re-listed; when no watch can be "
+        "kept, re-list the default/kubernetes EndpointSlices (from the watch cache) this often.",
         kind=POSITIVE_DURATION,
     ),
     Option(

@@ -234,6 +234,27 @@ class Pool:
         top = max(u.score for u in group)
         return [u for u in group if u.score == top]
 
+    def where_to_ask(self, avoid: Address | None, *, draw: float, turn: int) -> Address | None:
+        """Where discovery asks: one of ``best``, else the other members in turn.
+
+        A query (no cursor moves). ``avoid`` (the upstream that just failed)
+        is passed over when there is another; ``draw`` in [0, 1) picks among
+        the best (so nodes spread their watches), ``turn`` rotates through
+        members when none is usable yet. The default Service only when the
+        pool holds no upstream at all (reaching it may need kap itself).
+        """
+        best = [u.address for u in self.best()]
+        if best:
+            usable = [u.address for u in self.usable()]
+            fresh = [a for a in best if a != avoid] or [a for a in usable if a != avoid] or best
+            return fresh[min(int(draw * len(fresh)), len(fresh) - 1)]
+        members = [u.address for u in self.upstreams]
+        if not members:
+            return self.default_service
+        if len(members) > 1 and avoid in members:
+            members.remove(avoid)
+        return members[turn % len(members)]
+
     def pick(self) -> Upstream | None:
         """The next upstream for a client: lowest usable tier, round-robin inside it."""
         group = self.best()

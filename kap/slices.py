@@ -218,3 +218,71 @@ def parse_items(
 def union(slices: Iterable[ParsedSlice]) -> list[Address]:
     """Every address of every slice, once each, sorted (so equal sets compare equal)."""
     return sorted({a for s in slices for a in s.addresses})
+
+
+@attrs.frozen
+class Applied:
+    """What one list or watch event did to a ``SliceSet``.
+
+    ``ready``: the new union of ready addresses, or None when it is unchanged.
+    ``new_reasons``: why parts were skipped, only the reasons not already
+    given since they last stopped coming back (lists repeat every item, and a
+    log must not repeat itself with them).
+    """
+
+    ready: list[Address] | None
+    new_reasons: list[str] = attrs.field(factory=list)
+    before: list[Address] | None = None  # the set handed out before this one
+
+
+@attrs.define
+class SliceSet:
+    """Discovery's slices by key, and the ready set last handed out. Pure.
+
+    The rules: a list replaces the map (a slice garbled in it keeps its last
+    good version, see ``parse_items``); a watch event adds, replaces or
+    deletes one slice; BOOKMARK and unknown events change nothing. The ready
+    set is handed out the first time and then whenever it changes, also when
+    it becomes empty (the pool ignores an empty set).
+    """
+
+    _slices: dict[str, ParsedSlice] = attrs.field(factory=dict, alias="_slices")
+    ready: list[Address] | None = None
+    _skipped: frozenset[str] = attrs.field(default=frozenset(), alias="_skipped")
+
+    def __len__(self) -> int:
+        return len(self._slices)
+
+    def replace(self, items: Any) -> Applied:
+        """A whole list's ``items``: the map becomes what it holds."""
+        parsed, reasons = parse_items(items, previous=self._slices)
+        self._slices = parsed
+        return self._result(self._note_skipped(reasons, replace=True))
+
+    def apply(self, kind: str, obj: Any) -> Applied:
+        """One watch event (``ADDED``, ``MODIFIED``, ``DELETED``; others change nothing)."""
+        if kind == "DELETED":
+            key = slice_key(obj)
+            if key is not None:
+                self._slices.pop(key, None)
+            return self._result([])
+        if kind not in ("ADDED", "MODIFIED"):
+            return Applied(None)
+        parsed, reasons = parse_slice(obj)
+        new = self._note_skipped(reasons, replace=False)
+        if parsed is not None:
+            self._slices[parsed.key] = parsed
+        return self._result(new)
+
+    def _result(self, new_reasons: list[str]) -> Applied:
+        current = union(self._slices.values())
+        if current == self.ready:
+            return Applied(None, new_reasons, self.ready)
+        before, self.ready = self.ready, current
+        return Applied(list(current), new_reasons, before)
+
+    def _note_skipped(self, reasons: list[str], *, replace: bool) -> list[str]:
+        """Reasons not given last time; ``replace``: these are all of a list's."""
+        new = [why for why in reasons if why not in self._skipped]
+        self._skipped = frozenset(reasons) if replace else self._skipped | frozenset(reasons)
+        return new

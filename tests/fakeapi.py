@@ -380,6 +380,11 @@ class SliceStore:
     bookmark_interval: float = 60.0
     lists_served: int = attrs.field(init=False, default=0)
     watches_opened: int = attrs.field(init=False, default=0)
+    # LISTs by how kube-apiserver serves them: from its watch cache
+    # (resourceVersion "0", or a version with resourceVersionMatch=NotOlderThan)
+    # or as a consistent read (no resourceVersion: one etcd read each).
+    lists_from_cache: int = attrs.field(init=False, default=0)
+    lists_consistent: int = attrs.field(init=False, default=0)
     _objects: dict[tuple[str, str], Any] = attrs.field(init=False, factory=dict)
     _history: list[WatchEvent] = attrs.field(init=False, factory=list)
     _watchers: set[trio.MemorySendChannel[WatchEvent]] = attrs.field(init=False, factory=set)
@@ -918,6 +923,10 @@ class FakeApiServer:
             await self._watch(conn, tls, selection, query)
             return
         store.lists_served += 1
+        if query.get("resourceVersion", "") == "" or query.get("resourceVersionMatch") == "Exact":
+            store.lists_consistent += 1
+        else:
+            store.lists_from_cache += 1
         if store.list_error is not None:
             code = store.list_error
             await _send_json(conn, tls, code, status(code, "InternalError", "etcdserver: timeout"))

@@ -23,6 +23,8 @@ import msgspec
 import pytest
 import trio
 from fakeapi import FakeApiServer, PkiFiles, SliceStore, endpoint_slice, garbage_slices
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kaptest import FAST, StartFake, get_json, make_config, start_kap, wait_until, who
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
@@ -137,19 +139,39 @@ def disc_config(pki: PkiFiles, port: int, seeds: tuple[str, ...], **values: Any)
 @pytest.mark.parametrize(
     ("failures", "u", "delay"),
     [
-        (1, 0.0, 0.4),
+        (1, 0.0, 0.0),  # full jitter: the draw scales from zero
+        (1, 0.5, 0.4),
         (1, 0.999999, 0.8),
-        (2, 0.0, 0.8),
-        (3, 0.5, 2.4),
-        (10, 0.0, 2.5),  # capped at 5 s, half of it at the lowest draw
+        (2, 0.5, 0.8),
+        (3, 0.5, 1.6),
+        (10, 0.0, 0.0),
+        (10, 0.5, 2.5),  # capped at 5 s
         (10, 0.999999, 5.0),
-        (10_000, 0.5, 3.75),  # no overflow
-        (0, 0.0, 0.4),  # treated as the first
+        (10_000, 0.5, 2.5),  # no overflow
+        (0, 0.999999, 0.8),  # treated as the first
     ],
 )
-def test_backoff_doubles_with_jitter_up_to_the_cap(failures: int, u: float, delay: float) -> None:
+def test_backoff_doubles_with_full_jitter_up_to_the_cap(
+    failures: int, u: float, delay: float
+) -> None:
     got = backoff_delay(failures, initial=BACKOFF_INITIAL, cap=5.0, u=u)
     assert got == pytest.approx(delay, abs=1e-5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=10_000),
+    st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
+    st.floats(min_value=0.8, max_value=30.0),
+)
+def test_backoff_draws_are_full_jitter_within_zero_and_the_cap(
+    failures: int, u: float, cap: float
+) -> None:
+    """Thousands of nodes that lost an apiserver together spread over all of [0, cap]."""
+    delay = backoff_delay(failures, initial=BACKOFF_INITIAL, cap=cap, u=u)
+    ceiling = min(cap, BACKOFF_INITIAL * 2.0 ** min(max(failures, 1) - 1, 32))
+    assert 0.0 <= delay <= cap
+    assert delay == pytest.approx(u * ceiling)
 
 
 def _pool_with(*usable: str, unusable: tuple[str, ...] = (), default: str | None = None) -> Pool:
@@ -183,28 +205,25 @@ SVC = "10.96.0.1:443"
     ],
 )
 def test_discovery_asks_the_service_only_when_the_pool_holds_nothing(
-    pki: PkiFiles,
     usable: tuple[str, ...],
     unusable: tuple[str, ...],
     default: str | None,
     avoid: str | None,
     asked: set[str],
 ) -> None:
-    creds = CredentialFiles(Credentials(ca_file=str(pki.ca_file), token_file=str(pki.token_file)))
     pool = _pool_with(*usable, unusable=unusable, default=default)
-    w = EndpointSliceWatcher(pool, creds, "", 1.0, lambda a: None, rng=random.Random(3))
+    rng = random.Random(3)
     gone = None if avoid is None else Address.parse(avoid)
-    assert {str(w._choose(gone)) for _ in range(12)} == asked
+    got = {str(pool.where_to_ask(gone, draw=rng.random(), turn=turn)) for turn in range(12)}
+    assert got == asked
 
 
-def test_choosing_where_to_ask_leaves_the_clients_round_robin_alone(pki: PkiFiles) -> None:
-    creds = CredentialFiles(Credentials(ca_file=str(pki.ca_file), token_file=str(pki.token_file)))
+def test_choosing_where_to_ask_leaves_the_clients_round_robin_alone() -> None:
     alone, asked = _pool_with(A, B, C), _pool_with(A, B, C)
-    w = EndpointSliceWatcher(asked, creds, "", 1.0, lambda a: None)
     expected = [alone.pick() for _ in range(7)]
     got = []
-    for _ in range(7):
-        w._choose(None)
+    for turn in range(7):
+        asked.where_to_ask(None, draw=turn / 7, turn=turn)
         got.append(asked.pick())
     assert [u and str(u.address) for u in got] == [u and str(u.address) for u in expected]
     assert len({u and u.address for u in got}) == 3
@@ -217,8 +236,8 @@ async def test_errors_back_off_to_the_period_and_are_logged_rate_limited(
     w = EndpointSliceWatcher(Pool(), creds, "", 5.0, lambda a: None, rng=random.Random(7))
     with trio.move_on_after(120):
         await w.run()
-    # Delays double from 0.4-0.8 s to the cap (the period, 5 s): about 2.5-5 s each.
-    assert 120 / 5 <= w.errors_total <= 120 / 2.5 + 4
+    # Delays double from 0-0.8 s to the cap (the period, 5 s): 0-5 s each, 2.5 s on average.
+    assert 120 / 5 <= w.errors_total <= 2 * 120 / 2.5
     assert w.status()["mode"] == "backoff"
     assert w.status()["last_error"] == (
         "no upstream to ask: the pool is empty and there is no kubernetes Service "
@@ -303,13 +322,14 @@ async def test_starts_without_starting_upstreams_through_the_default_service(
         f"Service left {left * 1e3:.0f} ms after start"
     )
     assert {await who(bound.proxy) for _ in range(9)} <= set(HOSTS[:3])
-    # The Service was asked once, then left: later lists go to the apiservers.
+    # The Service was asked once, then left: the next list and watch go to the apiservers.
     asked_service = len(slice_requests(service))
     assert asked_service >= 1
-    lists = w.lists_total
-    await wait_until(lambda: w.lists_total >= lists + 2)
+    await wait_until(
+        lambda: w.mode == "watch" and bool(slice_requests(*fakes.values(), watch=True))
+    )
     assert len(slice_requests(service)) == asked_service
-    assert slice_requests(*fakes.values())
+    assert slice_requests(*fakes.values(), watch=False)
     doc = await get_json(bound.health, "/upstreams")
     assert {u["address"] for u in doc["upstreams"]} == three
     assert doc["fallback_service"] == str(service_address)
@@ -368,6 +388,7 @@ async def test_never_loses_an_upstream_on_an_empty_or_garbage_result(
     free_port: int,
     slice_store: SliceStore,
     tmp_path: Path,
+    logs: list[dict[str, Any]],
 ) -> None:
     a, b = HOSTS[:2]
     await plane(start_fake, free_port, (a, b), require_token=pki.token)
@@ -379,14 +400,25 @@ async def test_never_loses_an_upstream_on_an_empty_or_garbage_result(
     both = addresses(free_port, a, b)
     await wait_until(lambda: discovered(app) == both)
     w = watcher(app)
-    for change in (
-        lambda: slice_store.put(kube_slice(free_port, not_ready=(a, b))),  # none ready
-        lambda: slice_store.delete("kubernetes"),  # no slice at all
-        lambda: [slice_store.put_raw(f"g{i}", g) for i, g in enumerate(garbage_slices())],
+
+    def rv_seen() -> bool:
+        return bool(w.status()["resource_version"] == str(slice_store.resource_version))
+
+    def garbage_seen() -> bool:
+        return "skipping part of an EndpointSlice" in messages(logs, "WARNING")
+
+    for change, seen in (
+        (lambda: slice_store.put(kube_slice(free_port, not_ready=(a, b))), rv_seen),  # none ready
+        (lambda: slice_store.delete("kubernetes"), rv_seen),  # no slice at all
+        (
+            lambda: [slice_store.put_raw(f"g{i}", g) for i, g in enumerate(garbage_slices())],
+            garbage_seen,
+        ),
     ):
-        lists = w.lists_total
         change()
-        await wait_until(lambda lists=lists: w.lists_total >= lists + 2)  # type: ignore[misc]
+        # The watch delivered the change; then longer than the removal grace passes.
+        await wait_until(seen)
+        await trio.sleep(0.6)
         assert in_pool(app) == both
         assert all(u.remove_at is None for u in app.pool.upstreams)
         assert set(json.loads(path.read_text())) == both
@@ -410,9 +442,11 @@ async def test_survives_the_api_going_away_and_coming_back(
     await wait_until(lambda: discovered(app) == addresses(free_port, a, b))
     w = watcher(app)
 
-    # The API answers errors (etcd down): the set stays, errors are counted.
+    # The API answers errors (etcd down) and drops its watches: the set stays,
+    # errors are counted.
     slice_store.list_error = 500
-    slice_store.end_watches()
+    for f in fakes.values():
+        f.drop_connections()
     await wait_until(lambda: w.errors_total >= 2)
     assert "HTTP 500" in (w.last_error or "")
     assert discovered(app) == addresses(free_port, a, b)
@@ -550,15 +584,13 @@ async def test_token_mode_follows_a_rotated_token(
         f.require_token = "second-token-longer"
     slice_store.put(kube_slice(free_port, *HOSTS[:3]))
     await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]), timeout=5)
-    # A request kap sent just before the switch may reach a fake just after it
-    # (and get a 401); once a list has passed since, every request is accepted.
-    w = watcher(app)
-    lists = w.lists_total
-    await wait_until(lambda: w.lists_total >= lists + 1)
+    # The change came on the watch opened with the old token; the next watch
+    # (the server ends this one) carries the new token.
     since = trio.current_time()
-    await wait_until(lambda: w.lists_total >= lists + 2)
+    slice_store.end_watches()
+    await wait_until(lambda: any(r.at >= since for r in slice_requests(*fakes.values())))
     later = [r for r in slice_requests(*fakes.values()) if r.at >= since]
-    assert later and {r.user for r in later} == {"system:serviceaccount:kube-system:kap"}
+    assert {r.user for r in later} == {"system:serviceaccount:kube-system:kap"}
 
 
 @bounded(15)
@@ -856,7 +888,7 @@ async def test_trap_http_410_on_watch_is_not_an_api_error_and_kap_does_not_spin(
     await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
     watches = len(slice_requests(*fakes.values(), watch=True))
     await trio.sleep(1.5)  # five periods
-    # At most two watches per period (the second waits for the next list).
+    # Each 410 waits a backoff (full jitter, at most 0.8 s) before a consistent list: no spinning.
     assert len(slice_requests(*fakes.values(), watch=True)) - watches <= 2 * 5 + 2
     slice_store.put(kube_slice(free_port, *HOSTS[:3]))  # lists still follow changes
     await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]))
@@ -946,16 +978,44 @@ async def test_trap_a_stalled_watch_has_no_read_deadline_and_kap_bounds_it(
         )
     assert scope.cancelled_caught  # lightkube would have waited forever
 
-    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1]))
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
+    # kap: a watch silent past the stall limit is closed, and kap re-lists.
+    slice_store.stall_watches = False
+    slice_store.bookmark_interval = 0.1
+    pool = _pool_with(f"{HOSTS[0]}:{free_port}")
+    creds = CredentialFiles(Credentials(ca_file=str(pki.ca_file), token_file=str(pki.token_file)))
+    w = EndpointSliceWatcher(pool, creds, "", 30.0, lambda a: None, stall_limit=0.5)
+    nursery.start_soon(w.run)
+    await wait_until(lambda: set(w.status()["addresses"]) == addresses(free_port, *HOSTS[:2]))
+    slice_store.stall_watches = True
     slice_store.put(kube_slice(free_port, *HOSTS[:3]))
-    changed = trio.current_time()
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]), timeout=3)
-    assert trio.current_time() - changed < 0.3 * 2 + 0.5  # within the next list
-    await trio.sleep(1.0)
-    # Each stalled watch was closed when its period ended: no connections pile up.
-    assert sum(f.active_connections for f in fakes.values()) <= 3 + 3  # probes + discovery
-    assert watcher(app).errors_total == 0
+    await wait_until(lambda: len(w.status()["addresses"]) == 3, timeout=3)
+    await wait_until(lambda: w.lists_total >= 3, timeout=3)  # and again, while watches stall
+    # Each stalled watch was closed: no connections pile up.
+    assert sum(f.active_connections for f in fakes.values()) <= 2
+    assert w.errors_total == 0
+
+
+@bounded(15)
+async def test_trap_a_watch_the_server_ends_is_reopened_unseen_so_kap_sends_each_watch_itself(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+) -> None:
+    fakes = await plane(start_fake, free_port, HOSTS[:1], require_token=pki.token)
+    slice_store.put(kube_slice(free_port, *HOSTS[:1]))
+    slice_store.watch_timeout = 0.1  # the server ends every watch after 0.1 s, empty
+    rv = str(slice_store.resource_version)
+    with trio.move_on_after(1.0) as scope:
+        await first_event(
+            lightkube_client(pki, fakes[HOSTS[0]].url).watch(
+                EndpointSlice, namespace="default", resource_version=rv
+            )
+        )
+    # lightkube sent a new WATCH after each end, and its caller saw none of them.
+    assert scope.cancelled_caught and slice_store.watches_opened >= 3
+    # kap sends each WATCH itself and sees each end: tests/test_reflector.py.
 
 
 @bounded(15)

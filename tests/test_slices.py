@@ -289,3 +289,85 @@ def test_ready_ipv4_endpoints_are_exactly_the_set(
     parsed, why = parse_slice(obj)
     assert parsed is not None and why == []
     assert set(parsed.addresses) == {Address(ip, port) for ip, ready in endpoints if ready}
+
+
+# ---- SliceSet: lists and events in, the ready set out only when it changes ----
+
+
+def _ks(name: str, *ready: str, not_ready: tuple[str, ...] = ()) -> dict[str, Any]:
+    eps = [(h, True) for h in ready] + [(h, False) for h in not_ready]
+    return endpoint_slice(name, eps, ports=[("https", 6443)])
+
+
+def _set(*hosts: str) -> list[Address]:
+    return sorted(Address.parse(f"{h}:6443") for h in hosts)
+
+
+BAD = {"metadata": {"name": "bad"}, "addressType": "FQDN"}
+SLICE_STEPS = [
+    # (step: ("list", items) or (event type, object), ready set handed out or None, new reasons)
+    (("list", [_ks("a", "10.0.0.1")]), _set("10.0.0.1"), 0),
+    (("list", [_ks("a", "10.0.0.1")]), None, 0),  # same again: nothing to hand out
+    (("ADDED", _ks("b", "10.0.0.2")), _set("10.0.0.1", "10.0.0.2"), 0),
+    (("MODIFIED", _ks("b", "10.0.0.2")), None, 0),
+    (("BOOKMARK", {"metadata": {"resourceVersion": "9"}}), None, 0),
+    (("WHATEVER", _ks("c", "10.0.0.3")), None, 0),
+    (("MODIFIED", _ks("b", "10.0.0.3", not_ready=("10.0.0.2",))), _set("10.0.0.1", "10.0.0.3"), 0),
+    (("ADDED", BAD), None, 1),
+    (("ADDED", BAD), None, 0),  # the same reason again: not new
+    (("DELETED", _ks("a")), _set("10.0.0.3"), 0),
+    (("DELETED", {"metadata": {}}), None, 0),  # no name: nothing to delete
+    (("list", [_ks("b", "10.0.0.3"), BAD]), None, 0),  # still skipped: not new
+    (("list", [_ks("b", "10.0.0.3")]), None, 0),
+    (("list", [_ks("b", "10.0.0.3"), BAD]), None, 1),  # came back after a clean list
+    (("list", []), [], 0),  # empty is handed out too (the pool ignores it)
+    (("list", "garbage"), None, 1),
+]
+
+
+def test_a_slice_set_hands_out_the_ready_set_only_when_it_changes() -> None:
+    ss = slices.SliceSet()
+    for i, ((kind, obj), ready, reasons) in enumerate(SLICE_STEPS):
+        applied = ss.replace(obj) if kind == "list" else ss.apply(kind, obj)
+        assert applied.ready == ready, i
+        assert len(applied.new_reasons) == reasons, i
+
+
+def test_a_slice_garbled_in_a_list_keeps_its_last_good_version() -> None:
+    ss = slices.SliceSet()
+    ss.replace([_ks("a", "10.0.0.1")])
+    garbled = {**_ks("a", "10.0.0.1"), "addressType": "IPv9"}
+    applied = ss.replace([garbled])
+    assert applied.ready is None and len(applied.new_reasons) == 1
+    assert ss.ready == _set("10.0.0.1")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"]),
+            st.sampled_from("abc"),
+            st.lists(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]), max_size=3),
+        ),
+        max_size=30,
+    )
+)
+def test_a_slice_set_equals_the_union_of_what_the_events_left(
+    events: list[tuple[str, str, list[str]]],
+) -> None:
+    ss = slices.SliceSet()
+    model: dict[str, list[str]] = {}
+    handed: list[Address] | None = None
+    for kind, name, hosts in events:
+        applied = ss.apply(kind, _ks(name, *hosts))
+        if kind in ("ADDED", "MODIFIED"):
+            model[name] = hosts
+        elif kind == "DELETED":
+            model.pop(name, None)
+        want = _set(*{h for hs in model.values() for h in hs})
+        if applied.ready is not None:  # handed out only when it changed
+            assert applied.ready != handed
+            handed = applied.ready
+        if handed is not None:  # and what was handed out last is the union now
+            assert handed == want

@@ -21,8 +21,7 @@ async def test_the_pool_keeps_the_last_good_set_whatever_discovery_sees(
     slice_store: SliceStore,
     figure: object,
 ) -> None:
-    for h in HOSTS:
-        await start_fake(h, host=h, port=free_port, require_token=pki.token)
+    fakes = [await start_fake(h, host=h, port=free_port, require_token=pki.token) for h in HOSTS]
     good = endpoint_slice("kubernetes", [(h, True) for h in HOSTS], ports=(("https", free_port),))
     slice_store.put(good)
     cfg = make_config(
@@ -47,12 +46,15 @@ async def test_the_pool_keeps_the_last_good_set_whatever_discovery_sees(
     async def faults() -> None:
         # Each fault lasts several discovery periods (300 ms) and removal graces (500 ms).
         slice_store.list_error = 500  # the API fails every list
-        slice_store.end_watches()
+        for f in fakes:
+            f.drop_connections()  # and drops the watches: kap must list again
         await trio.sleep(1.5)
         slice_store.list_error = None
         slice_store.stall_watches = True  # watches go silent
         await trio.sleep(1.5)
         slice_store.stall_watches = False
+        for f in fakes:
+            f.drop_connections()  # the stalled watch breaks (kap's own stall limit is 150 s)
         for _ in range(5):  # 410s, again and again
             slice_store.watch_410_event()
             slice_store.compact()
