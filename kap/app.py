@@ -99,6 +99,7 @@ class App:
             jitter=c.health_jitter,
             on_changes=self.on_changes,
             rng=self.rng,
+            readiness_interval=c.readiness_interval,
         )
         if c.discovery:
             self.discovery = EndpointSliceWatcher.from_config(
@@ -119,6 +120,7 @@ class App:
             discovery=lambda: None if self.discovery is None else self.discovery.status(),
             client_cert_expiry_unix=lambda: self.credentials.client_cert_not_after,
             ca_cert_expiry_unix=lambda: self.credentials.ca_not_after,
+            probe_protocol=self.probes.prober.protocol,
         )
         registry = metrics_registry(self.pool, counters)
         self.health = HealthServer(

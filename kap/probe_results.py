@@ -14,6 +14,10 @@ them in a table):
 * ``timeout``: the connection did not open, or no answer came, in time.
 * ``error``: anything else (refused connection, TLS failure, reset).
 
+HTTP/2 PINGs, which check a kept-alive connection between two ``/readyz``,
+are counted apart (``kap_upstream_pings_total{result}``): ``ok`` (acked),
+``timeout`` (no ack in time), ``error`` (the connection failed).
+
 Pure: the probe's facts in, the word out.
 """
 
@@ -50,3 +54,16 @@ def classify(*, status: int | None, timed_out: bool, authenticated: bool) -> Pro
     if status in AUTH_STATUSES:
         return ProbeOutcome.REFUSED if authenticated else ProbeOutcome.UNAUTHENTICATED
     return ProbeOutcome.NOT_READY
+
+
+class PingOutcome(enum.StrEnum):
+    OK = "ok"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+
+def classify_ping(*, ok: bool, timed_out: bool) -> PingOutcome:
+    """The outcome of one HTTP/2 PING."""
+    if ok:
+        return PingOutcome.OK
+    return PingOutcome.TIMEOUT if timed_out else PingOutcome.ERROR

@@ -24,9 +24,10 @@ from prometheus_client.core import (
     Metric,
 )
 
+from kap.address import Address
 from kap.build import BuildInfo, build_info
 from kap.pool import PROBE_BUCKETS, Pool, Upstream
-from kap.probe_results import ProbeOutcome
+from kap.probe_results import PingOutcome, ProbeOutcome
 from kap.problems import find_problems
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -48,6 +49,8 @@ class Counters:
     client_cert_expiry_unix: Callable[[], float | None] = lambda: None
     # Unix time the first certificate of the CA bundle kap verifies with expires.
     ca_cert_expiry_unix: Callable[[], float | None] = lambda: None
+    # What an upstream's probe connection speaks: "h2" or "http/1.1" (None: not yet known).
+    probe_protocol: Callable[[Address], str | None] = lambda address: None
 
 
 @attrs.frozen
@@ -73,9 +76,10 @@ class UpstreamReport:
     unhealthy_for_s: float | None
     held_down_for_s: float | None  # flap damping: recovery waits this long
     removal_in_s: float | None
+    protocol: str | None = None  # "h2" or "http/1.1": what its probe connection speaks
 
     @classmethod
-    def of(cls, u: Upstream, now: float) -> UpstreamReport:
+    def of(cls, u: Upstream, now: float, protocol: str | None = None) -> UpstreamReport:
         def since(t: float | None) -> float | None:
             return None if t is None else round(max(0.0, now - t), 3)
 
@@ -102,6 +106,7 @@ class UpstreamReport:
             unhealthy_for_s=since(u.unhealthy_since),
             held_down_for_s=until(u.held_until),
             removal_in_s=until(u.remove_at),
+            protocol=protocol,
         )
 
 
@@ -142,7 +147,8 @@ def upstreams_document(
     pool: Pool, counters: Counters, now: float, wall: float | None = None
 ) -> dict[str, Any]:
     """``/upstreams``; ``now`` is trio's clock, ``wall`` the Unix time (default: now)."""
-    reports = [UpstreamReport.of(u, now) for u in pool.upstreams]
+    protocol = counters.probe_protocol
+    reports = [UpstreamReport.of(u, now, protocol(u.address)) for u in pool.upstreams]
     discovery = counters.discovery()
     doc: dict[str, Any] = {
         "problems": _problems(reports, discovery, counters, time.time() if wall is None else wall),
@@ -235,6 +241,15 @@ class KapCollector:
             for outcome in ProbeOutcome:  # every result, 0 included: rate() sees the first
                 results.add_metric([str(u.address), outcome.value], u.probe_results[outcome])
         yield results
+        pings = CounterMetricFamily(
+            "kap_upstream_pings",
+            "HTTP/2 PINGs on the probe connection by result: ok, timeout, error.",
+            labels=["upstream", "result"],
+        )
+        for u in ups:
+            for ping in PingOutcome:
+                pings.add_metric([str(u.address), ping.value], u.ping_results[ping])
+        yield pings
         yield counter(
             "kap_upstream_transitions",
             "Changes between usable and unusable.",

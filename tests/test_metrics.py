@@ -27,7 +27,7 @@ from kap.address import Address
 from kap.certinfo import earliest_not_after, leaf_not_after
 from kap.credentials import CredentialFiles
 from kap.pool import Pool
-from kap.probe_results import ProbeOutcome, classify
+from kap.probe_results import PingOutcome, ProbeOutcome, classify, classify_ping
 from kap.report import Counters, metrics_registry, metrics_text
 from kap.sources import Credentials
 
@@ -57,6 +57,15 @@ def test_probe_result_classification(
     status: int | None, timed_out: bool, authenticated: bool, expected: ProbeOutcome
 ) -> None:
     assert classify(status=status, timed_out=timed_out, authenticated=authenticated) == expected
+
+
+@pytest.mark.parametrize(
+    ("ok", "timed_out", "expected"),
+    [(True, False, PingOutcome.OK), (False, True, PingOutcome.TIMEOUT),
+     (False, False, PingOutcome.ERROR)],
+)  # fmt: skip
+def test_ping_classification(ok: bool, timed_out: bool, expected: PingOutcome) -> None:
+    assert classify_ping(ok=ok, timed_out=timed_out) == expected
 
 
 # ---------------------------------------------------------------- certificates
@@ -181,6 +190,7 @@ def test_metrics_pass_promtool_and_carry_the_new_series(promtool: str) -> None: 
     pool.record_probe(a, ok=True, now=1.0, latency=0.001, duration=0.002)
     pool.record_probe(a, ok=True, now=1.0, latency=0.001, duration=0.002)
     pool.get(a).probe_results[ProbeOutcome.REFUSED] += 2  # type: ignore[union-attr]
+    pool.get(a).ping_results[PingOutcome.TIMEOUT] += 1  # type: ignore[union-attr]
     counters = Counters(
         discovery=lambda: DISCOVERY_OK,
         client_cert_expiry_unix=lambda: 1.9e9,
@@ -192,6 +202,7 @@ def test_metrics_pass_promtool_and_carry_the_new_series(promtool: str) -> None: 
     assert samples[f'kap_upstream_probe_results_total{{result="refused",{up}}}'] == 2
     for outcome in ProbeOutcome:  # all six, 0 included, so rate() sees the first
         assert f'kap_upstream_probe_results_total{{result="{outcome}",{up}}}' in samples
+    assert samples[f'kap_upstream_pings_total{{result="timeout",{up}}}'] == 1
     assert samples[f"kap_upstream_transitions_total{{{up}}}"] == 1
     assert samples["kap_client_certificate_expiry_timestamp_seconds"] == 1.9e9
     assert samples["kap_ca_certificate_expiry_timestamp_seconds"] == 2.0e9
