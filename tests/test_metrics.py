@@ -312,3 +312,27 @@ def test_the_metrics_table_lists_exactly_what_kap_exports() -> None:
         if line.startswith("# TYPE ")
     }
     assert exported == documented_metrics()
+
+
+async def test_readyz_results_and_pings_are_counted_apart(
+    nursery: trio.Nursery,
+    start_fake: Any,
+    pki: PkiFiles,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from test_probe_h2 import scheduler
+
+    a = await start_fake("a")
+    sched, address = scheduler(pki, a, readiness_interval=10.0)
+
+    def stop_acking() -> None:
+        a.ack_pings = False
+
+    await nursery.start(sched.run)
+    await trio.sleep(15.5)  # /readyz at 0 and 10, PINGs every second between
+    stop_acking()
+    await trio.sleep(1.0)  # the PING at 16 goes unacked; a /readyz follows at once
+    up = sched.pool.get(address)
+    assert up is not None
+    assert dict(up.probe_results) == {"ok": 3}  # at 0, 10, and at once after the missed PING
+    assert dict(up.ping_results) == {"ok": 14, "timeout": 1}  # at 1..9 and 11..15; 16
