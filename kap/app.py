@@ -118,6 +118,8 @@ class App:
             bytes_up=lambda: self.relay.bytes_up,
             bytes_down=lambda: self.relay.bytes_down,
             discovery=lambda: None if self.discovery is None else self.discovery.status(),
+            client_cert_expiry_unix=lambda: self.credentials.client_cert_not_after,
+            ca_cert_expiry_unix=lambda: self.credentials.ca_not_after,
             probe_protocol=self.probes.prober.protocol,
         )
         registry = metrics_registry(self.pool, counters)

@@ -42,6 +42,7 @@ calls, decisions go out as return values. The rules, which the tests hold it to:
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Iterable
 
 import attrs
@@ -162,6 +163,10 @@ class Upstream:
     dial_failures_total: int = 0
     probes_total: int = 0
     probe_failures_total: int = 0
+    # kap_upstream_probe_results_total: /readyz probes by kap.probe_results.ProbeOutcome,
+    # kap_upstream_pings_total: HTTP/2 PINGs by PingOutcome (the prober counts both)
+    probe_results: Counter[str] = attrs.field(factory=Counter)
+    ping_results: Counter[str] = attrs.field(factory=Counter)
     probe_buckets: list[int] = attrs.field(factory=lambda: [0] * len(PROBE_BUCKETS))
     probe_sum: float = 0.0
     probe_count: int = 0

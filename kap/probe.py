@@ -51,6 +51,7 @@ from kap.credentials import CredentialFiles
 from kap.pool import Change, Pool
 from kap.probe_connection import Http11Connection, ProbeProtocolError, open_tls
 from kap.probe_h2 import ALPN_H2, GoAway, Http2Connection
+from kap.probe_results import classify, classify_ping
 
 READYZ_PATH = "/readyz"
 # 401/403: the apiserver answered, so it is alive; only kap's credentials are
@@ -144,6 +145,8 @@ class ProbeResult:
     auth_refused: bool = False
     inconclusive: bool = False  # kap itself was too busy to tell; not recorded
     open_timed_out: bool = False  # the connection did not open within the open budget
+    timed_out: bool = False  # either step ran out of time
+    presented_none: bool = False  # kap sent no credentials on purpose (kap.probe_results)
     ping_missed: bool = False  # a PING got no ack within the timeout
     # GOAWAY(NO_ERROR) before the answer: an apiserver closing the connection
     # on purpose; not recorded, the check is repeated at once on a new one.
@@ -270,6 +273,7 @@ class Prober:
                 latency=latency,
                 duration=duration,
                 auth_refused=True,
+                presented_none=not self.credentials.authenticated,
                 error=f"HTTP {status}: kap's credentials are refused",
             )
         body = " ".join(answer.body.decode("utf-8", "replace").split())[:120]
@@ -536,6 +540,13 @@ class ProbeScheduler:
             auth_refused=result.auth_refused,
             answered=result.status is not None,
         )
+        if (up := self.pool.get(address)) is not None and readyz:
+            auth = not result.presented_none
+            up.probe_results[
+                classify(status=result.status, timed_out=result.timed_out, authenticated=auth)
+            ] += 1
+        elif up is not None:
+            up.ping_results[classify_ping(ok=result.ok, timed_out=result.timed_out)] += 1
         if changes:
             self.on_changes(changes)
         return result
@@ -552,7 +563,9 @@ class ProbeScheduler:
                 "probe timed out while kap's loop was busy; not counted"
             )
             return ProbeResult(ok=False, inconclusive=True, error="kap's loop was busy")
-        return ProbeResult(ok=False, duration=trio.current_time() - start, error=error)
+        return ProbeResult(
+            ok=False, duration=trio.current_time() - start, error=error, timed_out=True
+        )
 
 
 def _ms(seconds: float | None) -> float | None:
