@@ -58,7 +58,7 @@ class RequestRecord:
     user: str | None
 
 
-class ConnectionDone(Exception):
+class _ConnectionDone(Exception):
     """The HTTP connection must end (closed by either side, or a mode said so)."""
 
 
@@ -103,7 +103,7 @@ class FakeApiServer:
     bearer_requests: int = attrs.field(init=False, default=0)
     client_cert_requests: int = attrs.field(init=False, default=0)
     client_cert_serials: list[int | None] = attrs.field(init=False, factory=list)
-    # HTTP/2 (tests/fakeh2.py): offered over ALPN unless ``http2`` is off;
+    # HTTP/2 (http2.py): offered over ALPN unless ``http2`` is off;
     # GOAWAY(NO_ERROR) after ``h2_idle_goaway`` seconds without a stream (as
     # kube-apiserver: 90 s); PINGs acked while ``ack_pings``.
     http2: bool = True
@@ -260,7 +260,7 @@ class FakeApiServer:
                 return
             try:
                 await self._respond(conn, tls, request, user)
-            except ConnectionDone:
+            except _ConnectionDone:
                 return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
@@ -280,7 +280,7 @@ class FakeApiServer:
             self.h2_probe_requests += 1
         try:
             await self._respond(conn, stream, request, user)
-        except ConnectionDone:
+        except _ConnectionDone:
             return False
         return True
 
@@ -379,10 +379,10 @@ class FakeApiServer:
     async def _health(self, conn: h11.Connection, tls: trio.abc.Stream, path: str) -> None:
         mode = self.readyz
         if mode == "close":
-            raise ConnectionDone
+            raise _ConnectionDone
         if mode == "hang":
             await until_client_closes(tls)
-            raise ConnectionDone
+            raise _ConnectionDone
         if mode == "slow":
             await trio.sleep(self.readyz_delay)
         if mode == "500":
