@@ -22,19 +22,20 @@ The fake runs in-process (``await nursery.start(fake.run)``) or as a process
 (``python -m tests.fakeapi --help``) that tests can SIGKILL or SIGSTOP; a
 stopped process is the "hung apiserver whose kernel still accepts TCP".
 
-Its rooms, each with its tests in ``tests/test_fakeapi_<room>.py``:
+Its rooms, and the tests that hold each to its word:
 
 * ``pki``: the test CA, certificates and token, as files (trustme);
 * ``objects``: what it serves (EndpointSlices, Status, bookmarks, discovery);
-* ``selection``: label and field selectors (pure);
+* ``selection``: label and field selectors, pure;
 * ``store``: the shared EndpointSlices, resourceVersions, compaction and the
-  watches' fan-out (no I/O);
+  watches' fan-out, without I/O (these three: ``test_fakeapi_store.py``);
 * ``server``: listener, connections, TLS, raw mode, authentication, readyz
-  modes and the counters tests read;
-* ``listwatch``: the HTTP handlers for LIST and WATCH (bookmarks, 410);
-* ``http2``: a connection that picked ``h2`` over ALPN;
-* ``wire``: h11 response helpers;
-* ``cli`` and ``process``: the fake as a process, and starting one.
+  modes and the counters tests read (``test_fakeapi_server.py``);
+* ``listwatch``: the HTTP handlers for LIST and WATCH, bookmarks, 410
+  (``test_fakeapi_listwatch.py``), with ``wire``: h11 response helpers;
+* ``http2``: a connection that picked ``h2`` over ALPN (``test_probe_h2.py``);
+* ``cli`` and ``process``: the fake as a process, and starting one
+  (``test_fakeapi_process.py``).
 
 Tests import it as ``fakeapi`` (pytest puts ``tests/`` on ``sys.path``); from
 the repository root it is ``tests.fakeapi`` (the demo). Its modules import
