@@ -46,13 +46,14 @@ from __future__ import annotations
 
 from .cli import write_slices_file
 from .objects import endpoint_slice, garbage_slices
-from .pki import PkiFiles, create_pki
+from .pki import CA_KEY_FILE, PkiFiles, create_pki
 from .process import fake_api_process
 from .selection import parse_label_selector
 from .server import FakeApiServer
 from .store import SliceStore
 
 __all__ = [
+    "CA_KEY_FILE",
     "FakeApiServer",
     "PkiFiles",
     "SliceStore",
