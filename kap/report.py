@@ -26,7 +26,7 @@ from prometheus_client.core import (
 
 from kap.address import Address
 from kap.build import BuildInfo, build_info
-from kap.pool import PROBE_BUCKETS, Pool, Upstream
+from kap.pool import Pool, Upstream
 from kap.probe_results import PingOutcome, ProbeOutcome
 from kap.problems import find_problems
 
@@ -98,11 +98,11 @@ class UpstreamReport:
             auth_refused=u.auth_refused,
             suspect=u.suspect,
             active_connections=u.active_connections,
-            connections_total=u.connections_total,
-            dial_failures_total=u.dial_failures_total,
-            probes_total=u.probes_total,
-            probe_failures_total=u.probe_failures_total,
-            transitions_total=u.transitions_total,
+            connections_total=u.stats.connections_total,
+            dial_failures_total=u.stats.dial_failures_total,
+            probes_total=u.stats.probes_total,
+            probe_failures_total=u.stats.probe_failures_total,
+            transitions_total=u.stats.transitions_total,
             unhealthy_for_s=since(u.unhealthy_since),
             held_down_for_s=until(u.held_until),
             removal_in_s=until(u.remove_at),
@@ -219,17 +219,17 @@ class KapCollector:
         yield counter(
             "kap_upstream_connections",
             "Client connections relayed to the upstream.",
-            lambda u: u.connections_total,
+            lambda u: u.stats.connections_total,
         )
         yield counter(
             "kap_upstream_dial_failures",
             "Failed client dials to the upstream.",
-            lambda u: u.dial_failures_total,
+            lambda u: u.stats.dial_failures_total,
         )
         yield counter(
             "kap_upstream_probe_failures",
             "Failed /readyz probes.",
-            lambda u: u.probe_failures_total,
+            lambda u: u.stats.probe_failures_total,
         )
         results = CounterMetricFamily(
             "kap_upstream_probe_results",
@@ -239,7 +239,7 @@ class KapCollector:
         )
         for u in ups:
             for outcome in ProbeOutcome:  # every result, 0 included: rate() sees the first
-                results.add_metric([str(u.address), outcome.value], u.probe_results[outcome])
+                results.add_metric([str(u.address), outcome.value], u.stats.probe_results[outcome])
         yield results
         pings = CounterMetricFamily(
             "kap_upstream_pings",
@@ -248,23 +248,21 @@ class KapCollector:
         )
         for u in ups:
             for ping in PingOutcome:
-                pings.add_metric([str(u.address), ping.value], u.ping_results[ping])
+                pings.add_metric([str(u.address), ping.value], u.stats.ping_results[ping])
         yield pings
         yield counter(
             "kap_upstream_transitions",
             "Changes between usable and unusable.",
-            lambda u: u.transitions_total,
+            lambda u: u.stats.transitions_total,
         )
         hist = HistogramMetricFamily(
             "kap_upstream_probe_duration_seconds", "Duration of /readyz probes.", labels=label
         )
         for u in ups:
-            cumulative, buckets = 0, []
-            for bound, count in zip(PROBE_BUCKETS, u.probe_buckets, strict=True):
-                cumulative += count
-                buckets.append((_bound(bound), float(cumulative)))
-            buckets.append(("+Inf", float(u.probe_count)))
-            hist.add_metric([str(u.address)], buckets, u.probe_sum)
+            h = u.stats.probe_duration
+            buckets = [(_bound(bound), float(n)) for bound, n in h.cumulative()]
+            buckets.append(("+Inf", float(h.count)))
+            hist.add_metric([str(u.address)], buckets, h.sum)
         yield hist
 
         c = self.counters

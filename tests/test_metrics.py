@@ -189,8 +189,8 @@ def test_metrics_pass_promtool_and_carry_the_new_series(promtool: str) -> None: 
     pool.record_probe(a, ok=True, now=1.0, latency=0.001, duration=0.002)
     pool.record_probe(a, ok=True, now=1.0, latency=0.001, duration=0.002)
     pool.record_probe(a, ok=True, now=1.0, latency=0.001, duration=0.002)
-    pool.get(a).probe_results[ProbeOutcome.REFUSED] += 2  # type: ignore[union-attr]
-    pool.get(a).ping_results[PingOutcome.TIMEOUT] += 1  # type: ignore[union-attr]
+    pool.get(a).stats.probe_results[ProbeOutcome.REFUSED] += 2  # type: ignore[union-attr]
+    pool.get(a).stats.ping_results[PingOutcome.TIMEOUT] += 1  # type: ignore[union-attr]
     counters = Counters(
         discovery=lambda: DISCOVERY_OK,
         client_cert_expiry_unix=lambda: 1.9e9,
@@ -334,5 +334,5 @@ async def test_readyz_results_and_pings_are_counted_apart(
     await trio.sleep(1.0)  # the PING at 16 goes unacked; a /readyz follows at once
     up = sched.pool.get(address)
     assert up is not None
-    assert dict(up.probe_results) == {"ok": 3}  # at 0, 10, and at once after the missed PING
-    assert dict(up.ping_results) == {"ok": 14, "timeout": 1}  # at 1..9 and 11..15; 16
+    assert dict(up.stats.probe_results) == {"ok": 3}  # at 0, 10, and at once after the missed PING
+    assert dict(up.stats.ping_results) == {"ok": 14, "timeout": 1}  # at 1..9 and 11..15; 16
