@@ -4,8 +4,8 @@
 ``kubernetes.io/service-name=kubernetes`` in ``default``, watches from the
 list's resourceVersion, and lists again at least every ``--discover-period``.
 Each time the union of ready addresses changes it calls ``on_update`` (the
-app puts the set into the pool as source ``discovery`` and rewrites the
-fallback file).
+app sends the set on a channel to ``kap.membership``, which puts it into the
+pool as source ``discovery`` and rewrites the fallback file).
 
 How it reaches the API: through an upstream of the pool's best group
 (``Pool.best``, what client traffic is picked from, chosen at random so the
@@ -80,6 +80,7 @@ from kap import slices
 from kap.address import Address
 from kap.config import Config
 from kap.credentials import CredentialFiles
+from kap.events import Change, ChangeFeed, ChangeKind
 from kap.kubeconfig import KubeconfigCredentials
 from kap.pool import Pool
 from kap.probe import describe_error
@@ -199,6 +200,7 @@ class EndpointSliceWatcher:
       on_update: called with the new set whenever the union of ready
         addresses changes (also when it becomes empty: the pool ignores that).
       seed: the kubeconfig's server, for the app to add to the pool.
+      changes: the pool's change feed (a usable upstream ends a stay on the Service).
     """
 
     pool: Pool
@@ -213,6 +215,7 @@ class EndpointSliceWatcher:
     backoff_initial: float = BACKOFF_INITIAL
     namespace: str = NAMESPACE
     service: str = SERVICE
+    changes: ChangeFeed = attrs.field(factory=ChangeFeed)
     # -- state, shown by status() --
     mode: str = "starting"
     last_success_unix: float | None = None
@@ -231,7 +234,6 @@ class EndpointSliceWatcher:
     _error_logged_at: float | None = attrs.field(default=None, alias="_error_logged_at")
     _errors_unlogged: int = attrs.field(default=0, alias="_errors_unlogged")
     _asking_service: bool = attrs.field(default=False, alias="_asking_service")
-    _usable_changed: trio.Event = attrs.field(factory=trio.Event, alias="_usable_changed")
 
     @classmethod
     def from_config(
@@ -241,6 +243,7 @@ class EndpointSliceWatcher:
         pool: Pool,
         credentials: CredentialFiles,
         on_update: Callable[[list[Address]], None],
+        changes: ChangeFeed,
         rng: random.Random,
     ) -> EndpointSliceWatcher:
         """The watcher for ``config``, with the credentials the probes use too.
@@ -257,6 +260,7 @@ class EndpointSliceWatcher:
             on_update=on_update,
             rng=rng,
             seed=config.kubeconfig_seed,
+            changes=changes,
         )
 
     # ---- reporting -----------------------------------------------------------
@@ -408,17 +412,15 @@ class EndpointSliceWatcher:
             if failed is not None:
                 raise failed
 
-    def upstream_usable(self) -> None:
-        """An upstream turned usable (the app passes on the pool's "healthy" changes).
-
-        Ends a stay on the default Service at once, not at the next list.
-        """
-        self._usable_changed.set()
-
     async def _leave_when_usable(self, service: Address, session: trio.CancelScope) -> None:
+        """Ends a stay on the default Service as soon as an upstream turns usable.
+
+        Woken by the pool's ``HEALTHY`` changes, not at the next list.
+        """
         while not self.pool.usable():
-            self._usable_changed = trio.Event()
-            await self._usable_changed.wait()
+            healthy = trio.Event()
+            with self.changes.subscribe(_setter(healthy), ChangeKind.HEALTHY):
+                await healthy.wait()
         logger.bind(service=str(service)).info(
             "discovery leaves the kubernetes Service: a discovered apiserver is usable"
         )
@@ -648,6 +650,10 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, msgspec.MsgspecError):
         return f"bad response: {' '.join(str(exc).split())[:160]}"
     return describe_error(exc)
+
+
+def _setter(event: trio.Event) -> Callable[[Change], None]:
+    return lambda _: event.set()
 
 
 __all__ = ["DiscoveryError", "EndpointSliceWatcher", "RawEndpointSlice", "backoff_delay"]

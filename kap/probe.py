@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import random
 import ssl
-from collections.abc import Callable
 
 import attrs
 import h11
@@ -41,7 +40,8 @@ from loguru import logger
 
 from kap.address import Address
 from kap.credentials import CredentialFiles
-from kap.pool import Change, Pool
+from kap.events import MEMBERSHIP, Change, ChangeFeed, ChangeKind
+from kap.pool import Pool
 from kap.probe_connection import Http11Connection, ProbeProtocolError, open_connection
 
 READYZ_PATH = "/readyz"
@@ -233,14 +233,18 @@ class Prober:
 
 @attrs.define
 class ProbeScheduler:
-    """Owns one probing task per upstream; ``sync()`` follows the pool's membership."""
+    """Owns one probing task per upstream; publishes what the probes change (and NEVER_HEALTHY).
+
+    Subscribes to ``ADDED``/``REMOVED`` (start, stop probe tasks) and ``SUSPECT``
+    (a client's dial just failed: probe that upstream now).
+    """
 
     pool: Pool
     prober: Prober
     interval: float
     timeout: float
     jitter: float
-    on_changes: Callable[[list[Change]], None]
+    changes: ChangeFeed
     rng: random.Random = attrs.field(factory=random.Random)
     _tasks: dict[Address, trio.CancelScope] = attrs.field(factory=dict, alias="_tasks")
     _naps: dict[Address, trio.CancelScope] = attrs.field(factory=dict, alias="_naps")
@@ -253,11 +257,18 @@ class ProbeScheduler:
             self.sync()
             task_status.started()
             try:
-                await trio.sleep_forever()
+                with self.changes.subscribe(self._on_change, *MEMBERSHIP, ChangeKind.SUSPECT):
+                    await trio.sleep_forever()
             finally:
                 self._nursery = None
                 with trio.CancelScope(shield=True):
                     await self.prober.aclose()
+
+    def _on_change(self, change: Change) -> None:
+        if change.kind is ChangeKind.SUSPECT:
+            self.poke(change.address)
+        else:
+            self.sync()
 
     def sync(self) -> None:
         """Start probing new upstreams, stop probing removed ones."""
@@ -280,38 +291,35 @@ class ProbeScheduler:
             warned = False
             while True:
                 result = await self.probe_once(address)
-                up = self.pool.get(address)
-                if not warned and up is not None and not up.probed_ok:
-                    waited = trio.current_time() - added
-                    if waited >= NEVER_HEALTHY_INTERVALS * self.interval:
-                        warned = True
-                        why = f"not healthy {waited:.0f}s after it was added: {up.last_error}"
-                        self.on_changes([Change(address, "never-healthy", why)])
-                if result.inconclusive or (
-                    not result.ok and up is not None and up.score >= 0 and up.probed_ok
-                ):
-                    # On its way down: confirm quickly (HAProxy's fastinter), so
-                    # a hung apiserver leaves rotation within about interval +
-                    # timeout + fast delay + 3 x open budget, not 4 intervals.
-                    # After a connection that did not open in its budget, at
-                    # once: waiting for it was the pause.
-                    delay = 0.0 if result.open_timed_out else self.fast_delay
-                else:
-                    delay = next_delay(self.interval, self.jitter, self.rng.uniform(-1, 1))
-                with trio.move_on_after(delay) as nap:
+                waited = trio.current_time() - added
+                warned = warned or self._warn_never_healthy(address, waited)
+                with trio.move_on_after(self._next_delay(address, result)) as nap:
                     self._naps[address] = nap
                     await trio.sleep_forever()
                 self._naps.pop(address, None)
 
-    @property
-    def fast_delay(self) -> float:
-        """Pause between confirming probes of a failing upstream."""
-        return min(self.interval / 4, self.timeout)
+    def _next_delay(self, address: Address, result: ProbeResult) -> float:
+        """Seconds to the next probe: soon when kap was busy or a failure wants confirming."""
+        soon = self.pool.confirm_delay(
+            address,
+            failed=not result.ok,
+            waited=result.open_timed_out,
+            inconclusive=result.inconclusive,
+            interval=self.interval,
+            timeout=self.timeout,
+        )
+        if soon is not None:
+            return soon
+        return next_delay(self.interval, self.jitter, self.rng.uniform(-1, 1))
 
-    @property
-    def open_budget(self) -> float:
-        """Seconds a probe may spend opening its connection: see ``open_budget()``."""
-        return open_budget(self.interval, self.timeout)
+    def _warn_never_healthy(self, address: Address, waited: float) -> bool:
+        """Publish ``NEVER_HEALTHY`` once a new upstream has failed for long; True once done."""
+        up = self.pool.get(address)
+        if up is None or up.probed_ok or waited < NEVER_HEALTHY_INTERVALS * self.interval:
+            return up is not None and up.probed_ok
+        why = f"not healthy {waited:.0f}s after it was added: {up.last_error}"
+        self.changes.publish([Change(address, ChangeKind.NEVER_HEALTHY, why)])
+        return True
 
     def poke(self, address: Address) -> None:
         """Probe ``address`` now (a client's dial to it just failed): wakes its task."""
@@ -335,12 +343,13 @@ class ProbeScheduler:
         start = trio.current_time()
         result: ProbeResult | None = None
         opened = False
-        open_deadline = start + self.open_budget
+        budget = open_budget(self.interval, self.timeout)
+        open_deadline = start + budget
         with trio.move_on_at(open_deadline):
             result = await self.prober.open(address)
             opened = True
         if not opened:
-            budget_ms = self.open_budget * 1e3
+            budget_ms = budget * 1e3
             result = await self._timed_out(
                 address, open_deadline, start, f"connection not open within {budget_ms:g}ms"
             )
@@ -357,7 +366,8 @@ class ProbeScheduler:
             return result
         log = logger.bind(upstream=str(address))
         if result.ok:
-            log.debug("probe ok", status=result.status, latency_ms=_ms(result.latency))
+            latency_ms = None if result.latency is None else round(result.latency * 1e3, 3)
+            log.debug("probe ok", status=result.status, latency_ms=latency_ms)
         else:
             log.debug("probe failed", error=result.error)
         changes = self.pool.record_probe(
@@ -370,8 +380,7 @@ class ProbeScheduler:
             auth_refused=result.auth_refused,
             answered=result.status is not None,
         )
-        if changes:
-            self.on_changes(changes)
+        self.changes.publish(changes)
         return result
 
     async def _timed_out(
@@ -387,7 +396,3 @@ class ProbeScheduler:
             )
             return ProbeResult(ok=False, inconclusive=True, error="kap's loop was busy")
         return ProbeResult(ok=False, duration=trio.current_time() - start, error=error)
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1e3, 3)

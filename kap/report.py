@@ -23,7 +23,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from kap.pool import PROBE_BUCKETS, Pool, Upstream
+from kap.pool import Pool, Upstream
 from kap.problems import find_problems
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -89,11 +89,11 @@ class UpstreamReport:
             auth_refused=u.auth_refused,
             suspect=u.suspect,
             active_connections=u.active_connections,
-            connections_total=u.connections_total,
-            dial_failures_total=u.dial_failures_total,
-            probes_total=u.probes_total,
-            probe_failures_total=u.probe_failures_total,
-            transitions_total=u.transitions_total,
+            connections_total=u.stats.connections_total,
+            dial_failures_total=u.stats.dial_failures_total,
+            probes_total=u.stats.probes_total,
+            probe_failures_total=u.stats.probe_failures_total,
+            transitions_total=u.stats.transitions_total,
             unhealthy_for_s=since(u.unhealthy_since),
             held_down_for_s=until(u.held_until),
             removal_in_s=until(u.remove_at),
@@ -207,28 +207,26 @@ class KapCollector:
         yield counter(
             "kap_upstream_connections",
             "Client connections relayed to the upstream.",
-            lambda u: u.connections_total,
+            lambda u: u.stats.connections_total,
         )
         yield counter(
             "kap_upstream_dial_failures",
             "Failed client dials to the upstream.",
-            lambda u: u.dial_failures_total,
+            lambda u: u.stats.dial_failures_total,
         )
         yield counter(
             "kap_upstream_probe_failures",
             "Failed /readyz probes.",
-            lambda u: u.probe_failures_total,
+            lambda u: u.stats.probe_failures_total,
         )
         hist = HistogramMetricFamily(
             "kap_upstream_probe_duration_seconds", "Duration of /readyz probes.", labels=label
         )
         for u in ups:
-            cumulative, buckets = 0, []
-            for bound, count in zip(PROBE_BUCKETS, u.probe_buckets, strict=True):
-                cumulative += count
-                buckets.append((_bound(bound), float(cumulative)))
-            buckets.append(("+Inf", float(u.probe_count)))
-            hist.add_metric([str(u.address)], buckets, u.probe_sum)
+            h = u.stats.probe_duration
+            buckets = [(_bound(bound), float(n)) for bound, n in h.cumulative()]
+            buckets.append(("+Inf", float(h.count)))
+            hist.add_metric([str(u.address)], buckets, h.sum)
         yield hist
 
         c = self.counters
