@@ -152,8 +152,13 @@ class App:
             bytes_down=lambda: self.relay.bytes_down,
             discovery=lambda: None if self.discovery is None else self.discovery.status(),
         )
+        self.health = self._health_server(counters)
+
+    def _health_server(self, counters: Counters) -> HealthServer:
+        """The health endpoints, each a read of the pool and the counters."""
+        c = self.config
         registry = metrics_registry(self.pool, counters)
-        self.health = HealthServer(
+        return HealthServer(
             host=c.health_host,
             port=c.health_port,
             routes={

@@ -208,6 +208,7 @@ def test_reading_state_never_moves_the_cursor() -> None:
     first = p.pick()
     for _ in range(5):
         p.usable()
+        p.best()  # discovery's query
         p.upstreams  # noqa: B018
         p.best_tier()
         p.addresses()
@@ -474,16 +475,6 @@ def test_tier_thresholds_are_a_constructor_argument() -> None:
     ok(p, B, latency=0.5)
     assert (p.get(A).tier, p.get(B).tier) == (0, 0)  # type: ignore[union-attr]
     assert [p.pick().address for _ in range(4)] == [A, B, A, B]  # type: ignore[union-attr]
-
-
-def test_best_is_a_query_that_leaves_the_clients_round_robin_alone() -> None:
-    p = pool_of(A, B)
-    ok(p, A)
-    ok(p, B)
-    assert p.pick() is p.get(A)
-    for _ in range(5):
-        assert [u.address for u in p.best()] == [A, B]
-    assert p.pick() is p.get(B)
 
 
 def test_probe_counters_live_in_the_stats() -> None:
