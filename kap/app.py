@@ -51,8 +51,8 @@ from kap.probe import Prober, ProbeScheduler
 from kap.proxy import Proxy
 from kap.relay import Relay
 from kap.report import Counters, current_problems, metrics_registry, metrics_text, upstreams_json
-from kap.scoring import TIER_THRESHOLDS
 from kap.sockets import TcpOptions
+from kap.upstream import TIER_THRESHOLDS
 
 # How often housekeeping looks for dead upstreams to drain.
 HOUSEKEEPING_PERIOD = 1.0

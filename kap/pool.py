@@ -17,7 +17,7 @@ calls, decisions go out as return values. The rules, which the tests hold it to:
   it, so one transient error costs milliseconds, not a score cycle.
 * Damping: an upstream that turns unusable again soon after it last did is
   held down: its recovery waits ``hold`` seconds, doubling with each flap
-  inside ``FLAP_WINDOW`` (``kap.scoring.hold_down``). A flapping apiserver
+  inside ``FLAP_WINDOW`` (``kap.upstream.hold_down``). A flapping apiserver
   makes a few transitions a minute, not sixty.
 * Fast confirmation: a failed probe of an upstream still usable by its score
   is confirmed after a quarter interval (HAProxy's fastinter), so a hung
@@ -54,55 +54,18 @@ from collections.abc import Iterable
 import attrs
 
 from kap.address import Address
-from kap.events import Change as Change
+from kap.events import Change as Change  # re-exported: the proxy's import
 from kap.events import ChangeKind
-from kap.scoring import FLAP_WINDOW, TIER_THRESHOLDS, fast_delay, hold_down, next_tier
-from kap.stats import UpstreamStats
-
-SCORE_MIN = -3  # go-loadbalancer upstream.List defaults (peers.md b)
-SCORE_MAX = 3
-SCORE_INITIAL = 1
+from kap.upstream import FLAP_WINDOW, TIER_THRESHOLDS, fast_delay, hold_down, next_tier
+from kap.upstream import SCORE_MAX as SCORE_MAX  # re-exported, as the next two
+from kap.upstream import SCORE_MIN as SCORE_MIN
+from kap.upstream import Upstream as Upstream
 
 # Source names, as /upstreams shows them.
 SOURCE_FLAG = "flag"
 SOURCE_FILE = "file"
 SOURCE_DISCOVERY = "discovery"
 SOURCE_KUBECONFIG = "kubeconfig"
-
-
-@attrs.define(eq=False)
-class Upstream:
-    """What the pool decides from about one apiserver address (counters: ``stats``)."""
-
-    address: Address
-    sources: set[str] = attrs.field(factory=set)
-    score: int = SCORE_INITIAL
-    tier: int | None = None
-    probed_ok: bool = False
-    latency: float | None = None
-    last_error: str | None = None
-    auth_refused: bool = False
-    # The last failure was an HTTP answer (a /readyz 500 of an apiserver that is
-    # shutting down): it is alive and closes its own connections, so kap does
-    # not drain them. Timeouts and connection errors leave this False.
-    failing_answered: bool = False
-    suspect: bool = False
-    held_until: float | None = None
-    falls: list[float] = attrs.field(factory=list)  # times of recent falls, for damping
-    unhealthy_since: float | None = None
-    remove_at: float | None = None
-    active_connections: int = 0  # only upstreams with clients are drained
-    order: int = 0  # insertion order: round-robin and report order
-    stats: UpstreamStats = attrs.field(factory=UpstreamStats)
-
-    @property
-    def usable(self) -> bool:
-        return self.probed_ok and self.score >= 0 and not self.suspect and self.held_until is None
-
-    @property
-    def tier_key(self) -> tuple[bool, int]:
-        """Sorts by tier, an upstream not measured yet after every measured one."""
-        return (self.tier is None, self.tier or 0)
 
 
 @attrs.define

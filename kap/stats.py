@@ -1,6 +1,6 @@
 """Per-upstream counters and histograms: what ``/upstreams`` and ``/metrics`` show.
 
-Kept apart from the pool's decision state (``kap.pool.Upstream``): nothing
+Kept apart from the pool's decision state (``kap.upstream.Upstream``): nothing
 here decides anything, so a new counter never touches a rule of the pool,
 and the pool's rules never read a counter. The pool updates an upstream's
 ``UpstreamStats`` at the moment it records what the counter counts;

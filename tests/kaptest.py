@@ -20,7 +20,7 @@ from fakeapi import FakeApiServer, PkiFiles
 
 from kap.app import App, Bound
 from kap.config import SERVICEACCOUNT_DIR, Config, parse_config
-from kap.scoring import TIER_THRESHOLDS
+from kap.upstream import TIER_THRESHOLDS
 
 FAST = {
     "listen_addr": "127.0.0.1",

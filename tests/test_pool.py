@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 from kap.address import Address
 from kap.events import ChangeKind
 from kap.pool import SCORE_MAX, SCORE_MIN, SOURCE_DISCOVERY, SOURCE_FLAG, Pool
-from kap.scoring import FLAP_WINDOW, HOLD_BASE, HOLD_MAX, HYSTERESIS, hold_down, next_tier, raw_tier
+from kap.upstream import (
+    FLAP_WINDOW,
+    HOLD_BASE,
+    HOLD_MAX,
+    HYSTERESIS,
+    hold_down,
+    next_tier,
+    raw_tier,
+)
 
 A, B, C, D = (Address(f"10.0.0.{i}", 6443) for i in range(1, 5))
 SVC = Address("10.96.0.1", 443)

@@ -1,14 +1,26 @@
-"""The arithmetic of one upstream's health: latency tiers, flap damping, fast confirmation.
+"""One upstream as the pool sees it: what it decides from, and the arithmetic of its health.
 
-Pure functions of their arguments; ``kap.pool`` applies them (its module
-docstring states the rules they implement). Each constant says where its
-number comes from; the pool takes the tier thresholds as a constructor
-argument, so a test can put every latency in one tier.
+``Upstream`` holds the decision state of one apiserver address (its counters
+are ``kap.stats.UpstreamStats``); the functions are the score bounds, latency
+tiers, flap damping and fast-confirmation pause, pure functions of their
+arguments. ``kap.pool`` applies them (its module docstring states the rules).
+Each constant says where its number comes from; the pool takes the tier
+thresholds as a constructor argument, so a test can put every latency in one
+tier.
 """
 
 from __future__ import annotations
 
 import bisect
+
+import attrs
+
+from kap.address import Address
+from kap.stats import UpstreamStats
+
+SCORE_MIN = -3  # go-loadbalancer upstream.List defaults (peers.md b)
+SCORE_MAX = 3
+SCORE_INITIAL = 1
 
 # Lower bounds of tiers 1..5 in seconds: go-loadbalancer's calcTier decades.
 TIER_THRESHOLDS = (100e-6, 1e-3, 10e-3, 100e-3, 1.0)
@@ -66,3 +78,38 @@ def next_tier(
     if down < current:
         return down
     return current
+
+
+@attrs.define(eq=False)
+class Upstream:
+    """What the pool decides from about one apiserver address (counters: ``stats``)."""
+
+    address: Address
+    sources: set[str] = attrs.field(factory=set)
+    score: int = SCORE_INITIAL
+    tier: int | None = None
+    probed_ok: bool = False
+    latency: float | None = None
+    last_error: str | None = None
+    auth_refused: bool = False
+    # The last failure was an HTTP answer (a /readyz 500 of an apiserver that is
+    # shutting down): it is alive and closes its own connections, so kap does
+    # not drain them. Timeouts and connection errors leave this False.
+    failing_answered: bool = False
+    suspect: bool = False
+    held_until: float | None = None
+    falls: list[float] = attrs.field(factory=list)  # times of recent falls, for damping
+    unhealthy_since: float | None = None
+    remove_at: float | None = None
+    active_connections: int = 0  # only upstreams with clients are drained
+    order: int = 0  # insertion order: round-robin and report order
+    stats: UpstreamStats = attrs.field(factory=UpstreamStats)
+
+    @property
+    def usable(self) -> bool:
+        return self.probed_ok and self.score >= 0 and not self.suspect and self.held_until is None
+
+    @property
+    def tier_key(self) -> tuple[bool, int]:
+        """Sorts by tier, an upstream not measured yet after every measured one."""
+        return (self.tier is None, self.tier or 0)
