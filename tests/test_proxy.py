@@ -185,7 +185,7 @@ async def test_refused_credentials_count_as_alive_and_show_in_upstreams(
 ) -> None:
     a = await start_fake("a", require_client_cert=True)
     app, bound = await start_kap(nursery, make_config(pki, fallback_upstreams=fallback(a)))
-    await wait_until(lambda: upstream(app, a).stats.probes_total >= 2)
+    await wait_until(lambda: upstream(app, a).usable and upstream(app, a).stats.probes_total >= 2)
     doc = await get_json(bound.health, "/upstreams")
     (entry,) = doc["upstreams"]
     assert entry["healthy"] is True and entry["auth_refused"] is True
