@@ -154,7 +154,9 @@ class App:
             discovery=lambda: None if self.discovery is None else self.discovery.status(),
             client_cert_expiry_unix=lambda: self.credentials.client_cert_not_after,
             ca_cert_expiry_unix=lambda: self.credentials.ca_not_after,
+            unauthenticated=lambda: not self.credentials.authenticated,
             probe_protocol=self.probes.prober.protocol,
+            health_connection_errors_total=lambda: self.health.connection_errors_total,
         )
         self.health = self._health_server(counters)
 

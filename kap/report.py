@@ -41,6 +41,7 @@ class Counters:
     no_upstream_total: Callable[[], int] = lambda: 0
     failovers_total: Callable[[], int] = lambda: 0
     passive_failures_total: Callable[[], int] = lambda: 0
+    health_connection_errors_total: Callable[[], int] = lambda: 0
     active_connections: Callable[[], int] = lambda: 0
     bytes_up: Callable[[], int] = lambda: 0
     bytes_down: Callable[[], int] = lambda: 0
@@ -49,6 +50,8 @@ class Counters:
     client_cert_expiry_unix: Callable[[], float | None] = lambda: None
     # Unix time the first certificate of the CA bundle kap verifies with expires.
     ca_cert_expiry_unix: Callable[[], float | None] = lambda: None
+    # kap presents no credentials on purpose (no CA): 401/403 are expected.
+    unauthenticated: Callable[[], bool] = lambda: False
     # What an upstream's probe connection speaks: "h2" or "http/1.1" (None: not yet known).
     probe_protocol: Callable[[Address], str | None] = lambda address: None
 
@@ -134,6 +137,7 @@ def _problems(
         discovery,
         now_unix=wall,
         client_cert_expiry_unix=counters.client_cert_expiry_unix(),
+        unauthenticated=counters.unauthenticated(),
     )
 
 
@@ -286,6 +290,11 @@ class KapCollector:
         )
         yield GaugeMetricFamily(
             "kap_connections_active", "Client connections open.", value=c.active_connections()
+        )
+        yield CounterMetricFamily(
+            "kap_health_connection_errors",
+            "Health-port connections that ended on an error (a client that left mid-request).",
+            value=c.health_connection_errors_total(),
         )
         b = CounterMetricFamily("kap_bytes", "Bytes relayed.", labels=["direction"])
         b.add_metric(["up"], c.bytes_up())
