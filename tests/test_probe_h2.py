@@ -85,9 +85,7 @@ def scheduler(pki: PkiFiles, fake: FakeApiServer, **kw: Any) -> tuple[ProbeSched
     pool.set_source(SOURCE_FLAG, [address], now=trio.current_time())
     kw.setdefault("interval", 1.0)
     kw.setdefault("timeout", 0.1)
-    sched = ProbeScheduler(
-        pool=pool, prober=prober(pki), jitter=0.0, changes=ChangeFeed(), **kw
-    )
+    sched = ProbeScheduler(pool=pool, prober=prober(pki), jitter=0.0, changes=ChangeFeed(), **kw)
     return sched, address
 
 
