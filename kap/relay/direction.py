@@ -38,7 +38,6 @@ import struct
 from collections import deque
 from typing import Any, Final, Protocol
 
-import outcome
 import trio
 
 from kap.relay.outcome import (
@@ -128,6 +127,12 @@ class Host(Protocol):
 
     def detach(self, session: Session, *, unregister: bool) -> None:
         """Forget ``session`` (see ``Relay.detach``)."""
+
+    def wake(self, task: trio.lowlevel.Task, result: Outcome) -> None:
+        """Give ``result`` to the caller sleeping in ``Relay.relay`` (see ``Relay.wake``)."""
+
+    def abort(self, session: Session, raise_cancel: Any) -> trio.lowlevel.Abort:
+        """The caller of ``session`` was cancelled (see ``Relay.abort``)."""
 
 
 class Direction:
@@ -357,13 +362,12 @@ class Session:
         self.up.peer = self.down
         self.down.peer = self.up
 
-    def abort(self, _: object) -> trio.lowlevel.Abort:
+    def abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
         """The caller was cancelled: forget the session before Cancelled is raised.
 
         A bound method rather than a closure per call: fewer bytes per session.
         """
-        self.host.detach(self, unregister=True)
-        return trio.lowlevel.Abort.SUCCEEDED
+        return self.host.abort(self, raise_cancel)
 
     def fail(self, side: Side, err: int | None) -> None:
         """``side``'s socket failed: reset the other peer too, and end."""
@@ -386,4 +390,4 @@ class Session:
         if self.finished:
             return
         self.host.detach(self, unregister=False)
-        trio.lowlevel.reschedule(self.task, outcome.Value(result))
+        self.host.wake(self.task, result)
