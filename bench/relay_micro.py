@@ -21,10 +21,13 @@ Figures:
          bytes of Python memory allocated by kap/relay/ per connection.
 
 Usage: python bench/relay_micro.py [--quick] [--only bulk,rr,idle] [--no-splice]
-       [--threaded] [--compare ROUNDS]
+       [--compare ROUNDS --trees A,B]
 
-``--compare ROUNDS`` runs both pumps (the trio task and ``threaded=True``) in
-interleaved rounds (A B, B A, ...) and prints medians with the min-max spread.
+``--compare ROUNDS --trees A,B`` runs each figure against two source trees of
+kap (e.g. a ``git worktree`` of main and this one; each case in a child
+process with ``PYTHONPATH=<tree>``) in interleaved rounds (A B, B A, ...)
+and prints medians with the min-max spread: how a change to the data path is
+measured on a shared machine.
 """
 
 from __future__ import annotations
@@ -274,13 +277,13 @@ def spawn(cmd: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-async def run_case(mode: str, args: argparse.Namespace, threaded: bool) -> dict[str, Any]:
-    relay = Relay(splice=not args.no_splice, threaded=threaded)
+async def run_case(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    relay = Relay(splice=not args.no_splice)
     pool = Pool()
     proxy = Proxy(
         "127.0.0.1", 0, pool, relay, TcpOptions(), dial_timeout=5.0, on_changes=lambda _: None
     )
-    out: dict[str, Any] = {"mode": mode, "pump": "thread" if threaded else "task"}
+    out: dict[str, Any] = {"mode": mode}
     proc: subprocess.Popen[str] | None = None
     try:
         with trio.fail_after(90):
@@ -333,7 +336,6 @@ async def run_case(mode: str, args: argparse.Namespace, threaded: bool) -> dict[
                 out["spliced_share"] = round(
                     relay.bytes_spliced / max(1, relay.bytes_up + relay.bytes_down), 3
                 )
-                out["handbacks"] = relay.thread.handbacks
                 nursery.cancel_scope.cancel()
     finally:
         if proc is not None:
@@ -360,35 +362,35 @@ COMPARED = {
 }
 
 
-def compare(args: argparse.Namespace, rounds: int) -> None:
-    """Both pumps in interleaved rounds; medians and min-max per figure."""
-    results: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+def compare(args: argparse.Namespace, rounds: int, trees: list[str]) -> None:
+    """Each figure against each tree in interleaved rounds; medians and min-max."""
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    modes = [m for m in args.only.split(",") if m in COMPARED]
     for r in range(rounds):
-        order = [False, True] if r % 2 == 0 else [True, False]
-        for mode in args.only.split(","):
-            if mode == "wake":
-                continue
-            for threaded in order:
-                res = trio.run(run_case, mode, args, threaded)
-                print(json.dumps(res), file=sys.stderr, flush=True)
-                results.setdefault((mode, threaded), []).append(res)
-    print(f"| figure ({rounds} rounds, median [min-max]) | task pump | threaded pump | ratio |")
-    print("|---|---|---|---|")
-    for mode in args.only.split(","):
-        for field, unit, _lower in COMPARED.get(mode, []):
+        order = trees if r % 2 == 0 else trees[::-1]
+        for mode in modes:
+            for tree in order:
+                cmd = [sys.executable, __file__, "--only", mode]
+                cmd += ["--quick"] if args.quick else []
+                cmd += ["--no-splice"] if args.no_splice else []
+                env = {**os.environ, "PYTHONPATH": tree}
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                print(json.dumps({"tree": tree, **res}), file=sys.stderr, flush=True)
+                results.setdefault((mode, tree), []).append(res)
+    names = " | ".join(trees)
+    print(f"| figure ({rounds} rounds, median [min-max]) | {names} | ratio |")
+    print("|---|" + "---|" * len(trees) + "---|")
+    for mode in modes:
+        for field, unit, _lower in COMPARED[mode]:
             cells = []
             medians = []
-            for threaded in (False, True):
-                xs = sorted(float(x[field]) for x in results.get((mode, threaded), []))
-                if not xs:
-                    cells.append("-")
-                    medians.append(0.0)
-                    continue
-                med = statistics.median(xs)
-                medians.append(med)
-                cells.append(f"{med:g} [{xs[0]:g}-{xs[-1]:g}]")
-            ratio = f"{medians[1] / medians[0]:.2f}x" if medians[0] else "-"
-            print(f"| {mode} {unit} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
+            for tree in trees:
+                xs = sorted(float(x[field]) for x in results[(mode, tree)])
+                medians.append(statistics.median(xs))
+                cells.append(f"{medians[-1]:g} [{xs[0]:g}-{xs[-1]:g}]")
+            ratio = f"{medians[-1] / medians[0]:.2f}x" if medians[0] else "-"
+            print(f"| {mode} {unit} | {' | '.join(cells)} | {ratio} |", flush=True)
 
 
 async def wake_cost(rounds: int) -> dict[str, Any]:
@@ -442,8 +444,8 @@ def main() -> None:
     ap.add_argument("--only", default="bulk,rr,lat,churn,idle,wake")
     ap.add_argument("--both", action="store_true", help="bulk both ways at once")
     ap.add_argument("--no-splice", action="store_true")
-    ap.add_argument("--threaded", action="store_true", help="Relay(threaded=True)")
     ap.add_argument("--compare", type=int, default=0, metavar="ROUNDS")
+    ap.add_argument("--trees", default="", help="with --compare: two kap source trees, A,B")
     ap.add_argument("--size", type=int, default=0, help="bulk bytes per direction")
     ap.add_argument("--seconds", type=float, default=0)
     ap.add_argument("--conns", type=int, default=0)
@@ -470,13 +472,16 @@ def main() -> None:
 
     args.conns_for = conns_for
     if args.compare:
-        compare(args, args.compare)
+        trees = [os.path.abspath(t) for t in args.trees.split(",") if t]
+        if len(trees) < 2:
+            ap.error("--compare needs --trees A,B")
+        compare(args, args.compare, trees)
         return
     for mode in args.only.split(","):
         if mode == "wake":
             print(json.dumps(trio.run(wake_cost, 20_000 if args.quick else 100_000)), flush=True)
             continue
-        print(json.dumps(trio.run(run_case, mode, args, args.threaded)), flush=True)
+        print(json.dumps(trio.run(run_case, mode, args)), flush=True)
 
 
 if __name__ == "__main__":

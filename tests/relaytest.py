@@ -92,12 +92,10 @@ def fd_count() -> int:
 
 
 def epoll_registrations(relay: Relay) -> int:
-    """Sockets registered in the pump's epoll set, as the kernel lists them
-    (not the threaded pump's wake-up eventfd)."""
+    """Sockets registered in the pump's epoll set, as the kernel lists them."""
     assert relay._epoll is not None
     with open(f"/proc/self/fdinfo/{relay._epoll.fileno()}") as f:
-        fds = [int(line.split()[1]) for line in f if line.startswith("tfd:")]
-    return sum(1 for fd in fds if fd != relay.thread.wake_fd)
+        return sum(1 for line in f if line.startswith("tfd:"))
 
 
 def chunks(data: bytes, rng: random.Random, largest: int) -> list[bytes]:

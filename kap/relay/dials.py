@@ -13,7 +13,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable
 from typing import Any, Final
 
 import trio
@@ -32,19 +31,10 @@ class DialDeadlines:
     so sessions are never compared); :meth:`discard` sets the session to None
     and the entry is dropped once it reaches the top. ``count`` is how many
     dials are in flight.
-
-    Args:
-        expire: what ends a dial past its deadline (by default the session
-            ends with :data:`CONNECT_TIMEOUT` at once; the threaded pump
-            posts it to its thread instead). With the threaded pump
-            :meth:`add` runs in trio and :meth:`discard` in the pump's
-            thread, so each keeps a counter of its own.
     """
 
-    def __init__(self, expire: Callable[[Session], None] | None = None) -> None:
-        self._added = 0
-        self._discarded = 0
-        self._expire = expire or _end_timed_out
+    def __init__(self) -> None:
+        self.count = 0
         self._heap: list[list[Any]] = []
         self._sequence = itertools.count()
         self._wake_at = math.inf  # when run() wakes next
@@ -58,7 +48,7 @@ class DialDeadlines:
         entry = [connect_by, next(self._sequence), session]
         heapq.heappush(heap, entry)
         session.dial = entry
-        self._added += 1
+        self.count += 1
         if connect_by < self._wake_at:
             self._wake_at = connect_by
             if self._sleep is not None:
@@ -70,11 +60,7 @@ class DialDeadlines:
         if entry is not None:
             entry[2] = None  # breaks session -> entry -> session too
             session.dial = None
-            self._discarded += 1
-
-    @property
-    def count(self) -> int:
-        return self._added - self._discarded
+            self.count -= 1
 
     def clear(self) -> None:
         """Forget every entry (the pump stopped; its sessions are over)."""
@@ -95,9 +81,5 @@ class DialDeadlines:
             while heap and (heap[0][2] is None or heap[0][0] <= now):
                 session: Session | None = heapq.heappop(heap)[2]
                 if session is not None:
-                    self._expire(session)  # detaching it calls discard()
+                    session.end(CONNECT_TIMEOUT)  # detaching it calls discard()
             self._wake_at = heap[0][0] if heap else math.inf
-
-
-def _end_timed_out(session: Session) -> None:
-    session.end(CONNECT_TIMEOUT)

@@ -52,14 +52,12 @@ import errno
 import os
 import select
 import socket
-import time
-from typing import Any, Final
+from typing import Final
 
-import outcome
 import trio
 from loguru import logger
 
-from kap.relay.dials import CONNECT_TIMEOUT, DialDeadlines
+from kap.relay.dials import DialDeadlines
 from kap.relay.direction import (
     BUFFER_SIZE,
     DIALING,
@@ -79,8 +77,6 @@ from kap.relay.outcome import (
     RelayNotRunningError,
 )
 from kap.relay.pipes import PipePool
-from kap.relay.thread import CANCEL, EXPIRE, PumpThread, Request
-from kap.relay.thread import OPEN as OPEN_SESSION
 
 # Fairness and latency budget: the pump yields to trio after TURN_BYTES or
 # TURN_STEPS (events dispatched plus directions pumped; one direction moves at
@@ -131,36 +127,25 @@ class Relay:
     Args:
         splice: let bulk directions splice (the default where ``os.splice``
             exists); off, every byte is copied through the shared buffer.
-        threaded: pump in a thread of its own that blocks in epoll_wait
-            (kap/relay/thread.py) instead of a trio task.
     """
 
-    def __init__(self, *, splice: bool = SPLICE_AVAILABLE, threaded: bool = False) -> None:
+    def __init__(self, *, splice: bool = SPLICE_AVAILABLE) -> None:
         self.bytes_up = 0
         self.bytes_down = 0
         self.bytes_spliced = 0
-        self.opened = 0  # sessions handed in (by trio)
-        self.closed = 0  # sessions detached (by the pump)
+        self.active = 0
         self.splice = splice
-        self.threaded = threaded
-        self.thread = PumpThread()
-        self._clock_offset = 0.0  # trio's clock minus perf_counter, for the thread
         self.buffer = bytearray(BUFFER_SIZE)
         self.view = memoryview(self.buffer)
         self.pipes = PipePool(min_size=BUFFER_SIZE)
         self.ready: collections.deque[Direction] = collections.deque()
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, Direction] = {}  # fd -> the direction reading it
-        self._dials = DialDeadlines(self._post_expire if threaded else None)
+        self._dials = DialDeadlines()
 
     @property
     def dialing(self) -> int:
         return self._dials.count
-
-    @property
-    def active(self) -> int:
-        """Sessions handed in and not yet over."""
-        return self.opened - self.closed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Pump bytes until cancelled.
@@ -179,29 +164,17 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._dials.run)
-                if self.threaded:
-                    self._clock_offset = trio.current_time() - time.perf_counter()
-                    await self.thread.run(
-                        epoll, self._take, self._turn, self._has_work, task_status=task_status
-                    )
-                    return
                 task_status.started()
-                poll = epoll.poll
                 epfd = epoll.fileno()
                 ready = self.ready
                 while True:
                     if not ready:
                         await trio.lowlevel.wait_readable(epfd)
-                    self._turn(poll(0, MAX_EVENTS))
+                    self._turn(epoll)
                     if ready:
                         # Budget spent with work left: let other tasks run first.
                         await trio.lowlevel.checkpoint()
         finally:
-            # The thread, if any, has stopped: carry out what it left, in trio.
-            thread = self.thread
-            while thread.inbox:
-                self._take(thread.inbox.popleft())
-            thread.deliver()
             self._stop()
 
     async def relay(
@@ -248,19 +221,6 @@ class Relay:
             if sock.gettimeout() != 0.0:
                 sock.setblocking(False)
         session = Session(self, client, upstream)
-        self.opened += 1
-        if self.thread.running:
-            if connect_by is not None:
-                session.down.phase = DIALING
-                self._dials.add(session, connect_by)
-            self.thread.post((OPEN_SESSION, session, None))
-        else:
-            self._open(epoll, session, connect_by)
-        result: Outcome = await trio.lowlevel.wait_task_rescheduled(session.abort)
-        return result
-
-    def _open(self, epoll: select.epoll, session: Session, connect_by: float | None) -> None:
-        """Register a new session's sockets (the upstream alone while it connects)."""
         up, down = session.up, session.down
         if connect_by is not None:
             # Only the upstream until it connects: its EPOLLOUT edge says so
@@ -281,87 +241,21 @@ class Relay:
             # epoll checks readiness on EPOLL_CTL_ADD), so nothing is pumped here.
             self._by_fd[up.src_fd] = up
             self._by_fd[down.src_fd] = down
-
-    # -- the threaded pump's requests (kap/relay/thread.py) -------------------
-
-    def _take(self, request: Request) -> None:
-        """Carry out a request from trio, in the pump's thread (or after it stopped)."""
-        what, session, raise_cancel = request
-        if what == OPEN_SESSION:
-            epoll = self._epoll
-            assert epoll is not None
-            up, down = session.up, session.down
-            try:
-                if down.phase is DIALING:
-                    _register(epoll, down.src_fd)
-                    self._by_fd[down.src_fd] = down
-                else:
-                    session.connected_at = self._now()
-                    self._by_fd[up.src_fd] = up
-                    self._by_fd[down.src_fd] = down
-                    _register(epoll, up.src_fd)
-                    _register(epoll, down.src_fd)
-            except Exception as e:
-                logger.opt(exception=e).error("relay session failed")
-                for d in (up, down):
-                    with contextlib.suppress(OSError):
-                        epoll.unregister(d.src_fd)
-                session.finish(Ending.BROKEN, None, f"relay error: {e!r}")
-        elif session.finished:
-            return  # it ended first: its result is on its way
-        elif what == CANCEL:
-            self.detach(session, unregister=True)
-            if self.thread.running:
-                self.thread.answer(session.task, None, raise_cancel)
-            else:
-                trio.lowlevel.reschedule(session.task, outcome.capture(raise_cancel))
-        elif what == EXPIRE and session.down.phase is DIALING:
-            session.end(CONNECT_TIMEOUT)
-
-    def _post_expire(self, session: Session) -> None:
-        self.thread.post((EXPIRE, session, None))
-
-    def _has_work(self) -> bool:
-        return bool(self.ready)
-
-    def _now(self) -> float:
-        """Trio's clock, also from the pump's thread (where trio.current_time() fails)."""
-        if self.thread.running:
-            return time.perf_counter() + self._clock_offset
-        return trio.current_time()
-
-    def wake(self, task: trio.lowlevel.Task, result: Outcome) -> None:
-        """Give ``result`` to ``task`` (now, or with the thread's next batch)."""
-        if self.thread.running:
-            self.thread.answer(task, result)
-        else:
-            trio.lowlevel.reschedule(task, outcome.Value(result))
-
-    def abort(self, session: Session, raise_cancel: Any) -> trio.lowlevel.Abort:
-        """``session``'s caller was cancelled: unregister it before Cancelled is raised.
-
-        The pump's thread may be pumping it right now: then the thread is
-        asked to, and the caller gets its Cancelled with the thread's next batch.
-        """
-        if self.thread.running:
-            self.thread.post((CANCEL, session, raise_cancel))
-            return trio.lowlevel.Abort.FAILED
-        self.detach(session, unregister=True)
-        return trio.lowlevel.Abort.SUCCEEDED
+        self.active += 1
+        result: Outcome = await trio.lowlevel.wait_task_rescheduled(session.abort)
+        return result
 
     # -- the pump ---------------------------------------------------------
 
-    def _turn(self, events: list[tuple[int, int]]) -> None:
-        """Dispatch ``events``, take more and pump ready directions until idle
-        or the budget is spent."""
-        epoll = self._epoll
-        assert epoll is not None
+    def _turn(self, epoll: select.epoll) -> None:
+        """Take events and pump ready directions until idle or the budget is spent."""
         poll = epoll.poll
         dispatch = self._dispatch
         ready = self.ready
         steps = 0
         moved = 0
         while True:
+            events = poll(0, MAX_EVENTS)
             for fd, mask in events:
                 dispatch(fd, mask)
             steps += len(events)
@@ -370,7 +264,6 @@ class Relay:
                     return
                 if steps >= TURN_STEPS:
                     return
-                events = poll(0, MAX_EVENTS)
                 continue
             while ready:
                 d = ready.popleft()  # never of a finished session: see detach
@@ -386,7 +279,6 @@ class Relay:
                 steps += 1
                 if steps >= TURN_STEPS or moved >= TURN_BYTES:
                     return
-            events = poll(0, MAX_EVENTS)
 
     def _dispatch(self, fd: int, mask: int) -> None:
         d = self._by_fd.get(fd)
@@ -432,7 +324,7 @@ class Relay:
             return False  # not connected yet
         d.phase = OPEN
         self._dials.discard(session)
-        session.connected_at = self._now()
+        session.connected_at = trio.current_time()
         try:
             _register(self._epoll, d.dst_fd)  # type: ignore[arg-type]
         except Exception as e:
@@ -456,7 +348,7 @@ class Relay:
         if session.finished:
             return
         session.finished = True
-        self.closed += 1
+        self.active -= 1
         epoll = self._epoll if unregister else None
         up, down = session.up, session.down
         # A session still connecting has only the upstream registered.
