@@ -84,6 +84,10 @@ def bench(session: nox.Session) -> None:
     the comparison column; says what is missing and runs what it can without.
     """
     install_locked(session)
+    # The chart's plotting library (the bench extra): benchmark-only, not in
+    # the image, so not in the hash-checked locks.
+    session.install("-q", "-e", ".[bench]")
+    session.run("python", "bench/chart.py", "--check")
     session.run("python", "bench/run.py", *session.posargs)
 
 

@@ -1,10 +1,11 @@
 """A small, bounded micro-benchmark of kap.relay.Relay on loopback.
 
-Not the side-by-side suite of issue 4 (that one drives the real entry point with
-a compiled load generator); this compares designs of the pump itself. The relay
-runs in this process behind a minimal accept-and-dial loop; the load generator
-runs in a child process (this file with ``--role gen``), so the CPU time this
-process reports is the relay's own (pump, the per-connection tasks, trio).
+Not the side-by-side suite of bench/run.py (that one drives the real entry
+point with a compiled load generator); this compares designs of the pump
+itself. The relay runs in this process behind kap's own Proxy (accept, pick,
+dial through the pump, one task and cancel scope per connection), with no
+probes; the load generator runs in a child process (this file with
+``--role gen``), so the CPU time this process reports is the data path's own.
 
 Figures:
   bulk   one connection, client -> upstream (and back with --both), Gbit/s and
@@ -14,10 +15,19 @@ Figures:
   lat    one quiet connection doing 64-byte ping-pong with pauses: added
          round-trip time over a direct connection (p50, p99).
   wake   in-process: CPU per wake-up of a sleeping task, the two ways to do it.
+  churn  16 workers doing connect, 64-byte echo, close: relay CPU us per
+         connection (conn/s is capped by the Python load generator).
   idle   N idle connections after one 64-byte exchange: fds per connection and
          bytes of Python memory allocated by kap/relay/ per connection.
 
 Usage: python bench/relay_micro.py [--quick] [--only bulk,rr,idle] [--no-splice]
+       [--compare ROUNDS --trees A,B]
+
+``--compare ROUNDS --trees A,B`` runs each figure against two source trees of
+kap (e.g. a ``git worktree`` of main and this one; each case in a child
+process with ``PYTHONPATH=<tree>``) in interleaved rounds (A B, B A, ...)
+and prints medians with the min-max spread: how a change to the data path is
+measured on a shared machine.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import os
 import resource
 import select
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -37,8 +48,13 @@ from typing import Any
 
 import outcome
 import trio
+from loguru import logger
 
+from kap.address import Address
+from kap.pool import Pool
+from kap.proxy import Proxy
 from kap.relay import Relay
+from kap.sockets import TcpOptions
 
 MiB = 1024 * 1024
 
@@ -54,6 +70,7 @@ def cpu_seconds() -> float:
 def gen_main(args: argparse.Namespace) -> None:
     upstream = socket.create_server(("127.0.0.1", 0), backlog=4096)
     print(upstream.getsockname()[1], flush=True)
+    sys.stdin.readline()  # the relay side routes to this upstream first
     front = ("127.0.0.1", args.front)
     deadline = time.monotonic() + 60  # nothing here may outlive a minute
     if args.mode == "bulk":
@@ -64,6 +81,8 @@ def gen_main(args: argparse.Namespace) -> None:
         gen_idle(upstream, front, args)
     elif args.mode == "lat":
         gen_lat(upstream, front, args)
+    elif args.mode == "churn":
+        gen_churn(upstream, front, args, deadline)
 
 
 def report(**fields: Any) -> None:
@@ -186,6 +205,55 @@ def gen_lat(upstream: socket.socket, front: tuple[str, int], args: argparse.Name
     )
 
 
+def gen_churn(
+    upstream: socket.socket, front: tuple[str, int], args: argparse.Namespace, deadline: float
+) -> None:
+    """Workers in threads (blocking, the GIL is released in every call); an
+    echo server in one more thread."""
+    stop = threading.Event()
+
+    def echo() -> None:
+        upstream.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                s, _ = upstream.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=echo_one, args=(s,), daemon=True).start()
+
+    def echo_one(s: socket.socket) -> None:
+        with s:
+            while data := s.recv(65536):
+                s.sendall(data)
+
+    counts: list[int] = []
+
+    def worker(end: float) -> None:
+        n = 0
+        msg = b"x" * 64
+        while time.monotonic() < end:
+            with socket.create_connection(front) as c:
+                c.sendall(msg)
+                got = 0
+                while got < 64 and (chunk := c.recv(64)):
+                    got += len(chunk)
+            n += 1
+        counts.append(n)
+
+    threading.Thread(target=echo, daemon=True).start()
+    report(event="start")
+    t0 = time.monotonic()
+    end = min(t0 + args.seconds, deadline)
+    workers = [threading.Thread(target=worker, args=(end,)) for _ in range(args.conns)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    elapsed = time.monotonic() - t0
+    stop.set()
+    report(event="done", seconds=elapsed, requests=sum(counts))
+
+
 def gen_idle(upstream: socket.socket, front: tuple[str, int], args: argparse.Namespace) -> None:
     held = []
     for _ in range(args.conns):
@@ -211,47 +279,32 @@ def spawn(cmd: list[str]) -> subprocess.Popen[str]:
 
 async def run_case(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     relay = Relay(splice=not args.no_splice)
-    front = socket.create_server(("127.0.0.1", 0), backlog=4096)
-    front.setblocking(False)
-    cmd = [sys.executable, __file__, "--role", "gen", "--mode", mode]
-    cmd += ["--front", str(front.getsockname()[1]), "--size", str(args.size)]
-    cmd += ["--seconds", str(args.seconds), "--conns", str(args.conns_for(mode))]
-    if args.both:
-        cmd.append("--both")
-    proc = spawn(cmd)
-    assert proc.stdout is not None
-    assert proc.stdin is not None
-    lines = proc.stdout
+    pool = Pool()
+    proxy = Proxy(
+        "127.0.0.1", 0, pool, relay, TcpOptions(), dial_timeout=5.0, on_changes=lambda _: None
+    )
     out: dict[str, Any] = {"mode": mode}
+    proc: subprocess.Popen[str] | None = None
     try:
         with trio.fail_after(90):
             async with trio.open_nursery() as nursery:
                 await nursery.start(relay.run)
+                front = await nursery.start(proxy.run)
+                cmd = [sys.executable, __file__, "--role", "gen", "--mode", mode]
+                cmd += ["--front", str(front.port), "--size", str(args.size)]
+                cmd += ["--seconds", str(args.seconds), "--conns", str(args.conns_for(mode))]
+                if args.both:
+                    cmd.append("--both")
+                proc = spawn(cmd)
+                assert proc.stdout is not None
+                assert proc.stdin is not None
+                lines = proc.stdout
                 up_port = int(await trio.to_thread.run_sync(lines.readline))
-
-                async def connection(csock: socket.socket) -> None:
-                    usock = socket.create_connection(("127.0.0.1", up_port))
-                    usock.setblocking(False)
-                    for s in (csock, usock):
-                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    try:
-                        await relay.relay(csock, usock)
-                    finally:
-                        csock.close()
-                        usock.close()
-
-                async def accept() -> None:
-                    while True:
-                        await trio.lowlevel.wait_readable(front)
-                        while True:
-                            try:
-                                csock, _ = front.accept()
-                            except BlockingIOError:
-                                break
-                            csock.setblocking(False)
-                            nursery.start_soon(connection, csock)
-
-                nursery.start_soon(accept)
+                upstream = Address("127.0.0.1", up_port)
+                pool.set_source("flag", [upstream], now=trio.current_time())
+                pool.record_probe(upstream, ok=True, latency=1e-4, now=trio.current_time())
+                proc.stdin.write("\n")
+                proc.stdin.flush()
                 if mode == "idle":
                     tracemalloc.start()
                     fds0 = len(os.listdir("/proc/self/fd"))
@@ -272,9 +325,11 @@ async def run_case(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                         snap0.filter_traces(filt), "filename"
                     )
                     grown = sum(s.size_diff for s in stats)
+                    total = sum(s.size_diff for s in snap1.compare_to(snap0, "filename"))
                     tracemalloc.stop()
                     out["fds_per_conn"] = (len(os.listdir("/proc/self/fd")) - fds0) / conns
                     out["relay_bytes_per_conn"] = round(grown / conns)
+                    out["python_bytes_per_conn"] = round(total / conns)
                     out["pipes_in_use"] = relay.pipes.in_use
                     proc.stdin.write("\n")
                     proc.stdin.flush()
@@ -283,19 +338,59 @@ async def run_case(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                 )
                 nursery.cancel_scope.cancel()
     finally:
-        front.close()
-        proc.kill()
-        proc.wait(timeout=10)
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=10)
     if mode == "bulk":
         gb = out["bytes"] / 1e9
         out["gbit_s"] = round(out["bytes"] * 8 / out["seconds"] / 1e9, 2)
         out["relay_cpu_s_per_gb"] = round(out["relay_cpu_s"] / gb, 3)
-    elif mode == "lat":
-        out["relay_cpu_us_per_req"] = round(out["relay_cpu_s"] / out["requests"] * 1e6, 1)
-    elif mode == "rr":
-        out["req_s"] = round(out["requests"] / out["seconds"])
+    elif mode in ("rr", "lat", "churn"):
+        if "seconds" in out:
+            out["req_s"] = round(out["requests"] / out["seconds"])
         out["relay_cpu_us_per_req"] = round(out["relay_cpu_s"] / out["requests"] * 1e6, 1)
     return out
+
+
+# What --compare reports per mode: (field, unit, lower is better).
+COMPARED = {
+    "bulk": [("gbit_s", "Gbit/s", False), ("relay_cpu_s_per_gb", "CPU s/GB", True)],
+    "rr": [("req_s", "req/s", False), ("relay_cpu_us_per_req", "CPU us/req", True)],
+    "lat": [("added_p50_us", "added p50 us", True), ("added_p99_us", "added p99 us", True)],
+    "churn": [("req_s", "conn/s", False), ("relay_cpu_us_per_req", "CPU us/conn", True)],
+    "idle": [("python_bytes_per_conn", "Python bytes/conn", True), ("fds_per_conn", "fds", True)],
+}
+
+
+def compare(args: argparse.Namespace, rounds: int, trees: list[str]) -> None:
+    """Each figure against each tree in interleaved rounds; medians and min-max."""
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    modes = [m for m in args.only.split(",") if m in COMPARED]
+    for r in range(rounds):
+        order = trees if r % 2 == 0 else trees[::-1]
+        for mode in modes:
+            for tree in order:
+                cmd = [sys.executable, __file__, "--only", mode]
+                cmd += ["--quick"] if args.quick else []
+                cmd += ["--no-splice"] if args.no_splice else []
+                env = {**os.environ, "PYTHONPATH": tree}
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                print(json.dumps({"tree": tree, **res}), file=sys.stderr, flush=True)
+                results.setdefault((mode, tree), []).append(res)
+    names = " | ".join(trees)
+    print(f"| figure ({rounds} rounds, median [min-max]) | {names} | ratio |")
+    print("|---|" + "---|" * len(trees) + "---|")
+    for mode in modes:
+        for field, unit, _lower in COMPARED[mode]:
+            cells = []
+            medians = []
+            for tree in trees:
+                xs = sorted(float(x[field]) for x in results[(mode, tree)])
+                medians.append(statistics.median(xs))
+                cells.append(f"{medians[-1]:g} [{xs[0]:g}-{xs[-1]:g}]")
+            ratio = f"{medians[-1] / medians[0]:.2f}x" if medians[0] else "-"
+            print(f"| {mode} {unit} | {' | '.join(cells)} | {ratio} |", flush=True)
 
 
 async def wake_cost(rounds: int) -> dict[str, Any]:
@@ -346,9 +441,11 @@ def main() -> None:
     ap.add_argument("--mode", default="bulk")
     ap.add_argument("--front", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="about 5 s in all")
-    ap.add_argument("--only", default="bulk,rr,lat,idle,wake")
+    ap.add_argument("--only", default="bulk,rr,lat,churn,idle,wake")
     ap.add_argument("--both", action="store_true", help="bulk both ways at once")
     ap.add_argument("--no-splice", action="store_true")
+    ap.add_argument("--compare", type=int, default=0, metavar="ROUNDS")
+    ap.add_argument("--trees", default="", help="with --compare: two kap source trees, A,B")
     ap.add_argument("--size", type=int, default=0, help="bulk bytes per direction")
     ap.add_argument("--seconds", type=float, default=0)
     ap.add_argument("--conns", type=int, default=0)
@@ -356,6 +453,8 @@ def main() -> None:
     if args.role == "gen":
         gen_main(args)
         return
+    logger.remove()  # kap logs at warn in production; a debug line per connection costs
+    logger.add(sys.stderr, level="WARNING")
     args.size = args.size or (1024 if args.quick else 4096) * MiB
     args.seconds = args.seconds or (1.5 if args.quick else 5)
 
@@ -368,9 +467,16 @@ def main() -> None:
             "rr": 50,
             "lat": 1000 if quick else 5000,
             "idle": 1000 if quick else 5000,
+            "churn": 16,
         }[mode]
 
     args.conns_for = conns_for
+    if args.compare:
+        trees = [os.path.abspath(t) for t in args.trees.split(",") if t]
+        if len(trees) < 2:
+            ap.error("--compare needs --trees A,B")
+        compare(args, args.compare, trees)
+        return
     for mode in args.only.split(","):
         if mode == "wake":
             print(json.dumps(trio.run(wake_cost, 20_000 if args.quick else 100_000)), flush=True)

@@ -20,7 +20,9 @@ What runs (issue 4 section 1):
 
 Traffic tests run in interleaved rounds, the proxies in a shuffled order each
 time; the table shows medians. Proxy CPU is read from ``/proc/<pid>/stat``,
-RSS from ``/proc/<pid>/status``, fds from ``/proc/<pid>/fd``. Every child is
+RSS from ``/proc/<pid>/status``, fds from ``/proc/<pid>/fd``. The JSON of
+every round goes to ``bench/results/``, with a chart of it beside
+(bench/chart.py). Every child is
 started here and stopped here, by PID, in ``finally`` blocks; every loop and
 wait is bounded.
 
@@ -794,8 +796,22 @@ def main() -> None:
     path.write_text(json.dumps(results, indent=1, default=str))
     print(render(table, [p.name for p in proxies], results, cfg))
     print(f"\nJSON: {path}  ({results['elapsed_s']:.0f} s)")
+    print(draw_chart(results, path.with_suffix(".png")))
     for m in missing:
         print("MISSING: " + m)
+
+
+def draw_chart(results: dict[str, Any], path: Path) -> str:
+    """The side-by-side chart next to the JSON (bench/chart.py); a line saying where."""
+    import chart  # bench/chart.py: this script's directory is first on sys.path
+
+    try:
+        chart.draw(results, path)
+    except ImportError:
+        return "chart: skipped, matplotlib is missing (nox -s bench installs the bench extra)"
+    except ValueError as e:
+        return f"chart: skipped, {e}"
+    return f"chart: {path}"
 
 
 # ---- the table -----------------------------------------------------------------
@@ -896,11 +912,11 @@ def render(
     if "task_cost" in results:
         t = results["task_cost"]
         extra.append(
-            "per-connection task + cancel scope (in-process micro-measure): "
-            f"{t['task_and_scope']['bytes']:.0f} B asleep, "
-            f"{t['task_and_scope']['cpu_us']:.1f} us CPU "
-            f"per start+wake+exit (task without the scope: {t['task_only']['bytes']:.0f} B, "
-            f"{t['task_only']['cpu_us']:.1f} us)"
+            "per-connection task (in-process micro-measure; kap's connections have no "
+            f"cancel scope of their own): {t['task_only']['bytes']:.0f} B asleep, "
+            f"{t['task_only']['cpu_us']:.1f} us CPU per start+wake+exit "
+            f"(with a cancel scope: {t['task_and_scope']['bytes']:.0f} B, "
+            f"{t['task_and_scope']['cpu_us']:.1f} us)"
         )
     mode = "quick" if cfg.quick else "full"
     hdr = (
