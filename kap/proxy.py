@@ -17,10 +17,9 @@ starts right before that call, with no await between) or about to run with
 the relay's answer, so ending it is the pump's ``Relay.cancel`` (the session
 ends with ``Ending.CANCELLED``, both sockets unregistered) or, if the session
 has just ended, a flag the task reads before it dials again. That is what a
-cancel scope per connection gave, for about 0.7 KB less per idle connection
-and a few us of CPU less per connection (docs/performance.md). Shutdown
-cancels the forwarding nursery's scope, which reaches every task wherever it
-waits.
+cancel scope per connection gave, for about 5 us of CPU and 0.8 KB less per
+connection (docs/performance.md). Shutdown cancels the forwarding nursery's
+scope, which reaches every task wherever it waits.
 
 Error handling: a connection's failure ends that connection only and is
 counted; accept() survives running out of file descriptors (log, back off
