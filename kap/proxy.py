@@ -1,25 +1,18 @@
 """The data path: accept clients, pick and dial an upstream, hand both sockets to the relay.
 
 ``Proxy.run`` owns the listener and the *forwarding nursery*. Every client
-connection is one task in that nursery: it picks, dials with failover, waits
-on the relay, and closes both sockets however it ends. The dial's wait is the
-relay's: the task begins a non-blocking connect and hands the connecting
-socket to the pump, which watches it in its own epoll set, enforces the dial
-deadline and starts relaying once it connects, so the task sleeps once per
-upstream it tries. What happened comes back as the relay's typed outcome
-(kap/relay/outcome.py): the pump calls nobody back, so the task counts the
-connection as its upstream's from the start of each dial
-(``Proxy.connections_to``, the pool's counts).
-
-Ending one connection (drain of an upstream, removal): ``Connection.cancel``.
-A tracked connection's task is always asleep in ``Relay.relay`` (tracking
-starts right before that call, with no await between) or about to run with
-the relay's answer, so ending it is the pump's ``Relay.cancel`` (the session
-ends with ``Ending.CANCELLED``, both sockets unregistered) or, if the session
-has just ended, a flag the task reads before it dials again. That is what a
-cancel scope per connection gave, for about 5 us of CPU and 0.8 KB less per
-connection (docs/performance.md). Shutdown cancels the forwarding nursery's
-scope, which reaches every task wherever it waits.
+connection is one task in that nursery with a cancel scope of its own
+(``Connection.scope``): it picks, dials with failover, waits on the relay, and
+closes both sockets however it ends. The dial's wait is the relay's: the task
+begins a non-blocking connect and hands the connecting socket to the pump,
+which watches it in its own epoll set, enforces the dial deadline and starts
+relaying once it connects, so the task sleeps once per upstream it tries. What
+happened comes back as the relay's typed outcome (kap/relay/outcome.py): the
+pump calls nobody back, so the task counts the connection as its upstream's
+from the start of each dial (``Proxy.connections_to``, the pool's counts).
+Cancelling the scope (drain of an upstream, removal, shutdown) ends exactly
+that connection. A nursery per connection would hold exactly one child
+here; the task's own scope gives the same ownership without the cost.
 
 Error handling: a connection's failure ends that connection only and is
 counted; accept() survives running out of file descriptors (log, back off
@@ -62,26 +55,17 @@ ACCEPT_BATCH = 64
 
 @attrs.define(eq=False)
 class Connection:
-    """One client connection: where it goes, and how its owner ends it.
+    """One client connection's lifetime: its cancel scope and where it goes.
 
-    ``upstream`` is the upstream being dialed or relayed to, ``sock`` that
-    dial's socket. The connection is tracked (``Proxy.connections_to``, the
-    pool's connection counts) from the start of each dial, so draining or
-    removing an upstream also ends the clients still connecting to it, and
-    the relay never calls back.
+    ``upstream`` is the upstream being dialed or relayed to. The connection is
+    tracked (``Proxy.connections_to``, the pool's connection counts) from the
+    start of each dial, so draining or removing an upstream also cancels the
+    clients still connecting to it, and the relay never calls back.
     """
 
-    relay: Relay
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     upstream: Address | None = None
-    sock: socket.socket | None = None
     failed_dials: int = 0
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        """End this connection: now if the pump has its session, else before its next dial."""
-        self.cancelled = True
-        if self.sock is not None:
-            self.relay.cancel(self.sock)
 
 
 @attrs.define
@@ -187,48 +171,50 @@ class Proxy:
         frame on purpose: this task sleeps for the connection's whole life, and
         every nested frame costs an idle connection a few hundred bytes.
         """
-        conn = Connection(self.relay)
+        conn = Connection()
         later: list[Address] | None = None  # the rest of the candidates, reversed
         try:
-            # The TCP options came with the socket from the listener (bind_listener).
-            client.setblocking(False)
-            address = _address_of(self.pool.pick())
-            if address is None:
-                later = self.pool.candidates()[::-1]  # nothing usable: Service, the rest
-                address = later.pop() if later else None
-            while address is not None:
-                sock: socket.socket | None = None
-                try:
-                    sock = start_connect(ip_target(address) or await resolve(address), self.options)
-                    self._track(conn, address, sock)
-                    result = await self.relay.relay(
-                        client, sock, connect_by=trio.current_time() + self.dial_timeout
-                    )
-                except LocalResourceError as e:
-                    # Out of fds here: no upstream is to blame; this client
-                    # waits for nothing better, so close it (counted, logged).
-                    self.stats.accept_errors_total += 1
-                    logger.bind(error=e.strerror).error("cannot dial: out of resources")
-                    return
-                except OSError as e:  # DialError included: refused at once, unresolved
-                    result = DialFailed(DialFailure.ERROR, _dial_reason(e))
-                finally:
-                    if conn.upstream is not None:
-                        self._untrack(conn)
-                    if sock is not None:
-                        sock.close()
-                if isinstance(result, Relayed):
-                    if result.result.ending is not Ending.CANCELLED:
+            with conn.scope:
+                # The TCP options came with the socket from the listener (bind_listener).
+                client.setblocking(False)
+                address = _address_of(self.pool.pick())
+                if address is None:
+                    later = self.pool.candidates()[::-1]  # nothing usable: Service, the rest
+                    address = later.pop() if later else None
+                while address is not None:
+                    sock: socket.socket | None = None
+                    try:
+                        sock = start_connect(
+                            ip_target(address) or await resolve(address), self.options
+                        )
+                        self._track(conn, address)
+                        result = await self.relay.relay(
+                            client, sock, connect_by=trio.current_time() + self.dial_timeout
+                        )
+                    except LocalResourceError as e:
+                        # Out of fds here: no upstream is to blame; this client
+                        # waits for nothing better, so close it (counted, logged).
+                        self.stats.accept_errors_total += 1
+                        logger.bind(error=e.strerror).error("cannot dial: out of resources")
+                        return
+                    except OSError as e:  # DialError included: refused at once, unresolved
+                        result = DialFailed(DialFailure.ERROR, _dial_reason(e))
+                    finally:
+                        if conn.upstream is not None:
+                            self._untrack(conn)
+                        if sock is not None:
+                            sock.close()
+                    if isinstance(result, Relayed):
                         self._finished(conn, address, result)
-                    return
-                self._dial_failed(conn, address, result)
-                if conn.cancelled:  # ended by its owner while the answer was on its way
-                    return
-                if later is None:  # the first failure: the pick is the one tried
-                    later = [a for a in self.pool.candidates() if a != address][::-1]
-                address = later.pop() if later else None
-            self.stats.no_upstream_total += 1
-            logger.bind(tried=conn.failed_dials).warning("no upstream answered; closing the client")
+                        return
+                    self._dial_failed(conn, address, result)
+                    if later is None:  # the first failure: the pick is the one tried
+                        later = [a for a in self.pool.candidates() if a != address][::-1]
+                    address = later.pop() if later else None
+                self.stats.no_upstream_total += 1
+                logger.bind(tried=conn.failed_dials).warning(
+                    "no upstream answered; closing the client"
+                )
         except OSError as e:
             # A socket of this connection failed outside the relay (setsockopt
             # on a client that already left): this connection only.
@@ -288,10 +274,9 @@ class Proxy:
         if changes:
             self.on_changes(changes)
 
-    def _track(self, conn: Connection, address: Address, sock: socket.socket) -> None:
+    def _track(self, conn: Connection, address: Address) -> None:
         """``conn`` starts dialing ``address``: it counts as that upstream's from now."""
         conn.upstream = address
-        conn.sock = sock
         self._by_upstream.setdefault(address, set()).add(conn)
         self.pool.connection_opened(address)
 
@@ -304,7 +289,6 @@ class Proxy:
                 del self._by_upstream[conn.upstream]
         self.pool.connection_closed(conn.upstream)
         conn.upstream = None
-        conn.sock = None
 
     def connections_to(self, address: Address) -> list[Connection]:
         return list(self._by_upstream.get(address, ()))
@@ -320,13 +304,13 @@ class Proxy:
             return 0
         if spread <= 0:
             for c in conns:
-                c.cancel()
+                c.scope.cancel()
             return len(conns)
         times = sorted(self.rng.uniform(0, spread) for _ in conns)
         start = trio.current_time()
         for when, c in zip(times, conns, strict=True):
             await trio.sleep_until(start + when)
-            c.cancel()
+            c.scope.cancel()
         return len(conns)
 
 

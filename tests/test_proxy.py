@@ -16,7 +16,7 @@ from relaytest import fill_accept_queue
 from kap.address import Address
 from kap.pool import SCORE_MAX, Pool
 from kap.proxy import Proxy
-from kap.relay import DialFailed, DialFailure, Outcome, Relay
+from kap.relay import Relay
 from kap.sockets import TcpOptions
 
 
@@ -359,51 +359,3 @@ async def test_draining_an_upstream_also_cancels_the_clients_still_dialing_it() 
             nursery.cancel_scope.cancel()
         for s in queued:
             s.close()
-
-
-class AnswerOnItsWay(Relay):
-    """A relay whose first dial fails, and whose connection's owner ends it while
-    that answer is on its way (the session is over, the task has not run yet)."""
-
-    def __init__(self, proxy: list[Proxy]) -> None:
-        super().__init__()
-        self.proxy = proxy
-        self.dials: list[socket.socket] = []
-
-    async def relay(
-        self, client: socket.socket, upstream: socket.socket, *, connect_by: float | None = None
-    ) -> Outcome:
-        await trio.lowlevel.checkpoint()  # a cancelled caller stops here, not later
-        self.dials.append(upstream)
-        (address,) = [a for a in self.proxy[0].pool.addresses() if self.proxy[0].connections_to(a)]
-        assert await self.proxy[0].close_connections(address) == 1
-        return DialFailed(DialFailure.TIMEOUT, "connect timed out")
-
-
-async def test_a_connection_ended_while_its_dial_failure_is_on_its_way_dials_no_further() -> None:
-    """Ending one connection is exact in the window where the relay's answer is
-    already on its way: the failed dial is counted, and no next upstream is dialed."""
-    with socket.socket() as first, socket.socket() as second, trio.fail_after(10):
-        for s in (first, second):
-            s.bind(("127.0.0.1", 0))
-            s.listen(8)
-        addresses = [Address("127.0.0.1", s.getsockname()[1]) for s in (first, second)]
-        pool = Pool()
-        pool.set_source("flag", addresses, now=trio.current_time())
-        for a in addresses:
-            pool.record_probe(a, ok=True, latency=1e-4, now=trio.current_time())
-        box: list[Proxy] = []
-        relay = AnswerOnItsWay(box)
-        proxy = Proxy("127.0.0.1", 0, pool, relay, TcpOptions(), 30.0, on_changes=lambda _: None)
-        box.append(proxy)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(relay.run)
-            bound = await nursery.start(proxy.run)
-            client = await trio.open_tcp_stream(bound.host, bound.port)
-            assert await client.receive_some(10) == b""  # closed, not passed on
-            await wait_until(lambda: proxy.active == 0)
-            assert len(relay.dials) == 1
-            assert sum(pool.get(a).dial_failures_total for a in addresses) == 1  # type: ignore[union-attr]
-            assert proxy.stats.no_upstream_total == 0
-            await client.aclose()
-            nursery.cancel_scope.cancel()

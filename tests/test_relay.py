@@ -29,22 +29,18 @@ from relaytest import (
     epoll_registrations,
     fd_count,
     make_wire,
-    relayed,
     running_relay,
     send_then_eof,
     serve,
     sha,
     tcp_pair,
-    wait_for,
 )
 
 from kap.relay import (
     BUFFER_SIZE,
     PIPE_POOL_MAX,
     Ending,
-    Outcome,
     Relay,
-    Relayed,
     RelayNotRunningError,
     RelayResult,
     Side,
@@ -392,52 +388,6 @@ async def test_reset_after_fin_is_noticed_while_the_other_side_is_idle() -> None
 
 
 # -- cancellation, stopping, leaks -------------------------------------------------
-
-
-async def test_cancel_by_its_owner_ends_one_session_unregistered_with_its_pipe_back() -> None:
-    """``Relay.cancel`` is how the proxy ends one connection (a drain, a removal):
-    the caller's relay() returns at once, the other sessions go on."""
-    with trio.fail_after(20):
-        async with running_relay() as relay:
-            ended, kept = make_wire(), make_wire()
-            results: list[Outcome] = []
-
-            async def caller(w: Wire) -> None:
-                try:
-                    results.append(await relay.relay(w.csock, w.usock))
-                finally:
-                    w.csock.close()
-                    w.usock.close()
-
-            async def flood(w: Wire) -> None:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    while True:
-                        await w.client.send_all(bytes(MiB))
-
-            async with trio.open_nursery() as n:
-                n.start_soon(caller, ended)
-                n.start_soon(caller, kept)
-                n.start_soon(flood, ended)
-                await wait_for(lambda: relay.pipes.in_use == 1)  # its upstream is not reading
-                assert epoll_registrations(relay) == 4
-                assert relay.cancel(ended.usock)
-                assert relay.active == 1
-                assert relay.pipes.in_use == 0
-                assert epoll_registrations(relay) == 2  # the kept session's two
-                assert not relay.cancel(ended.usock)  # over already: nothing to end
-                with socket.socket() as stranger:
-                    assert not relay.cancel(stranger)  # never handed over
-                await wait_for(lambda: len(results) == 1)
-                await ended.aclose_ends()
-                await kept.client.send_all(b"still relayed")
-                assert await kept.upstream.receive_some(100) == b"still relayed"
-                await kept.aclose_ends()
-            result = results[0]
-            assert isinstance(result, Relayed)
-            assert result.result.ending is Ending.CANCELLED
-            assert result.result.bytes_up > 0
-            assert result.connected_at is not None
-            assert relayed(results[1]) == RelayResult(13, 0)
 
 
 async def test_cancelled_relay_unregisters_both_sockets_and_returns_its_pipes() -> None:

@@ -31,7 +31,6 @@ from relaytest import (
 from kap.relay import (
     DialFailed,
     DialFailure,
-    Ending,
     Outcome,
     Relay,
     Relayed,
@@ -73,41 +72,6 @@ async def test_dial_through_the_pump_connects_then_relays_both_ways() -> None:
         assert [relayed(r) for r in results] == [RelayResult(33, 6)]
         assert isinstance(results[0], Relayed) and results[0].connected_at is not None
         assert relay.dialing == 0 and relay._by_fd == {}
-
-
-async def test_cancel_by_its_owner_ends_a_dial_in_flight_with_the_client_untouched() -> None:
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        queued = fill_accept_queue(full)  # a dial to it hangs
-        w = make_wire()
-        with trio.fail_after(10):
-            async with running_relay() as relay:
-                usock = connecting_socket(full.getsockname())
-                results: list[Outcome] = []
-
-                async def caller() -> None:
-                    try:
-                        results.append(
-                            await relay.relay(w.csock, usock, connect_by=trio.current_time() + 30)
-                        )
-                    finally:
-                        usock.close()
-
-                async with trio.open_nursery() as n:
-                    n.start_soon(caller)
-                    await wait_for(lambda: relay.dialing == 1)
-                    assert relay.cancel(usock)
-                    assert (relay.active, relay.dialing, epoll_registrations(relay)) == (0, 0, 0)
-                assert len(results) == 1
-                assert isinstance(results[0], Relayed)
-                assert results[0].result == RelayResult(0, 0, Ending.CANCELLED, None, "cancelled")
-                assert results[0].connected_at is None
-                # Never registered, never read: the client's bytes wait for the next upstream.
-                await w.client.send_all(b"kept for the next upstream")
-                assert await serve_and_check(relay, w) == RelayResult(26, 0)
-        for s in queued:
-            s.close()
 
 
 async def test_refused_dial_through_the_pump_leaves_the_client_for_the_next_try() -> None:

@@ -381,13 +381,6 @@ class Session:
         result = RelayResult(self.up.count, self.down.count, ending, side, error)
         self.end(Relayed(result, self.connected_at))
 
-    def cancel(self) -> None:
-        """Its owner ended it (``Relay.cancel``): unregister both sockets now, wake the caller."""
-        result = RelayResult(self.up.count, self.down.count, Ending.CANCELLED, None, "cancelled")
-        relayed = Relayed(result, self.connected_at)
-        self.host.detach(self, unregister=True)
-        trio.lowlevel.reschedule(self.task, outcome.Value(relayed))
-
     def end(self, result: Outcome) -> None:
         """Detach the session and wake its caller with ``result`` (once)."""
         if self.finished:

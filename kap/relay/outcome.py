@@ -31,7 +31,6 @@ class Ending(enum.Enum):
     CLOSED = "closed"  # both ways ended with a FIN: the clean end
     FAILED = "failed"  # a socket error on ``RelayResult.errored_side``
     STOPPED = "stopped"  # Relay.run() ended first
-    CANCELLED = "cancelled"  # its owner ended it (Relay.cancel: a drain, a removal)
     BROKEN = "broken"  # a bug, or a caller closing a socket mid-session
 
 

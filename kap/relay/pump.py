@@ -245,29 +245,6 @@ class Relay:
         result: Outcome = await trio.lowlevel.wait_task_rescheduled(session.abort)
         return result
 
-    def cancel(self, upstream: socket.socket) -> bool:
-        """End the session relaying (or dialing) ``upstream`` now, for its owner.
-
-        ``upstream`` names its session from the start of the dial (the client
-        socket only once the upstream has connected, so the proxy passes the
-        upstream).
-
-        What a connection's owner calls to end that one connection (a drain or
-        removal of its upstream): its :meth:`relay` call returns
-        :class:`Relayed` with ``Ending.CANCELLED``, both sockets already
-        unregistered and any pipe given back, as for a cancelled caller. It
-        spares every connection a cancel scope of its own (kap/proxy.py).
-
-        Returns:
-            False if no session relays ``upstream`` (it ended already, and
-            its caller has not run since, or it never reached the pump).
-        """
-        d = self._by_fd.get(upstream.fileno())
-        if d is None or d.src is not upstream:
-            return False
-        d.session.cancel()
-        return True
-
     # -- the pump ---------------------------------------------------------
 
     def _turn(self, epoll: select.epoll) -> None:
