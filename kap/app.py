@@ -99,6 +99,7 @@ class App:
             jitter=c.health_jitter,
             on_changes=self.on_changes,
             rng=self.rng,
+            readiness_interval=c.readiness_interval,
         )
         if c.discovery:
             self.discovery = EndpointSliceWatcher.from_config(
@@ -117,6 +118,7 @@ class App:
             bytes_up=lambda: self.relay.bytes_up,
             bytes_down=lambda: self.relay.bytes_down,
             discovery=lambda: None if self.discovery is None else self.discovery.status(),
+            probe_protocol=self.probes.prober.protocol,
         )
         registry = metrics_registry(self.pool, counters)
         self.health = HealthServer(

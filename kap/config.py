@@ -61,6 +61,8 @@ class Config:
     tcp_user_timeout: float
     health_interval: float
     health_timeout: float
+    # None until parse_config resolves it: then --health-interval when not given.
+    readiness_interval: float | None
     health_jitter: float
     fallback_upstreams: tuple[Address, ...]
     fallback_file: str | None
@@ -152,6 +154,8 @@ def parse_config(
     problems = _Problems()
     config = parse_options(values, disk, problems.bad)
     _check_cert_and_key(values, problems.bad)
+    if config is not None:
+        config = _resolve_readiness_interval(config, problems.bad)
     kubeconfig = load_kubeconfig_option(
         values.get("kubeconfig"), disk.absolute, load_kubeconfig, problems.bad
     )
@@ -217,6 +221,24 @@ def parse_options(
     if len(fields) < len(OPTIONS):
         return None
     return Config(**fields)
+
+
+# kube-apiserver closes an HTTP/2 connection that has had no stream for 90 s,
+# and a PING does not count: a /readyz at least every 60 s keeps the probe
+# connection open, with a margin for jitter.
+MAX_READINESS_INTERVAL = 60.0
+
+
+def _resolve_readiness_interval(config: Config, bad: Callable[[str, str], None]) -> Config:
+    """--readiness-interval: --health-interval when not given; between it and 60 s."""
+    readiness = config.readiness_interval
+    if readiness is None:
+        return attrs.evolve(config, readiness_interval=config.health_interval)
+    if readiness > MAX_READINESS_INTERVAL:
+        bad("readiness_interval", f"{readiness:g}s: at most 60s")
+    elif readiness < config.health_interval:
+        bad("readiness_interval", f"{readiness:g}s: below --health-interval")
+    return config
 
 
 def _check_cert_and_key(values: Mapping[str, str | None], bad: Callable[[str, str], None]) -> None:

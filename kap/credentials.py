@@ -83,27 +83,35 @@ def read_token(path: str) -> str:
     return token
 
 
-def _base_context() -> ssl.SSLContext:
+# What each use offers over ALPN. Discovery's HTTP client (httpx2, http2
+# off) sets its own list on the context it is given at every connection, so
+# the probes, which speak HTTP/2 when the apiserver offers it, get a context
+# of their own built from the same files at the same time.
+HTTP11_ALPN = ("http/1.1",)
+PROBE_ALPN = ("h2", "http/1.1")
+
+
+def _base_context(alpn: tuple[str, ...] = HTTP11_ALPN) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
-def unverified_context() -> ssl.SSLContext:
+def unverified_context(alpn: tuple[str, ...] = HTTP11_ALPN) -> ssl.SSLContext:
     """No CA: verify nothing, present nothing (probes only tell alive from dead)."""
-    ctx = _base_context()
+    ctx = _base_context(alpn)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 
-def verifying_context(ca_file: str | None) -> ssl.SSLContext:
+def verifying_context(ca_file: str | None, alpn: tuple[str, ...] = HTTP11_ALPN) -> ssl.SSLContext:
     """Verify the server's certificate and name; ``None`` trusts no CA at all.
 
     Hostname checks are done against ``--tls-server-name`` (sent as SNI).
     """
-    ctx = _base_context()
+    ctx = _base_context(alpn)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     if ca_file is not None:
@@ -111,15 +119,15 @@ def verifying_context(ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
-def build_ssl_context(files: Credentials) -> ssl.SSLContext:
+def build_ssl_context(files: Credentials, alpn: tuple[str, ...] = HTTP11_ALPN) -> ssl.SSLContext:
     """The full context for ``files``: the CA, and the client certificate only with a CA.
 
     Raises:
       OSError, ssl.SSLError, ValueError: a file is unreadable or invalid.
     """
     if files.ca_file is None:
-        return unverified_context()
-    ctx = verifying_context(files.ca_file)
+        return unverified_context(alpn)
+    ctx = verifying_context(files.ca_file, alpn)
     if files.cert_file is not None and files.key_file is not None:
         ctx.load_cert_chain(files.cert_file, files.key_file)
     return ctx
@@ -156,6 +164,8 @@ class CredentialFiles:
 
     files: Credentials
     _context: ssl.SSLContext | None = attrs.field(default=None, alias="_context")
+    # The same, offering h2 as well: built with _context, from the same files.
+    _probe_context: ssl.SSLContext | None = attrs.field(default=None, alias="_probe_context")
     _context_stamp: object = attrs.field(default=None, alias="_context_stamp")
     # The context in use was built from every file (not a stand-in for a bad one).
     _complete: bool = attrs.field(default=False, alias="_complete")
@@ -192,16 +202,23 @@ class CredentialFiles:
         self._context_stamp = stamp
         try:
             ctx = build_ssl_context(f)
+            probe_ctx = build_ssl_context(f, PROBE_ALPN)
         except _LOAD_ERRORS as e:
             self._not_loaded(e)
             return self._context  # type: ignore[return-value]  # set by _not_loaded
         if self._context is not None:
             logger.bind(generation=self.generation + 1).info("TLS credentials reloaded")
-        self._use(ctx, complete=True)
+        self._use(ctx, probe_ctx, complete=True)
         return ctx
 
-    def _use(self, ctx: ssl.SSLContext, *, complete: bool) -> None:
-        self._context, self._complete = ctx, complete
+    def probe_ssl_context(self) -> ssl.SSLContext:
+        """The probes' context: ``ssl_context()``'s twin that also offers ``h2`` over ALPN."""
+        self.ssl_context()
+        assert self._probe_context is not None  # set with _context
+        return self._probe_context
+
+    def _use(self, ctx: ssl.SSLContext, probe_ctx: ssl.SSLContext, *, complete: bool) -> None:
+        self._context, self._probe_context, self._complete = ctx, probe_ctx, complete
         self.generation += 1
 
     def _not_loaded(self, e: BaseException) -> None:
@@ -214,6 +231,7 @@ class CredentialFiles:
         ca_loads = True
         try:
             ctx = verifying_context(self.files.ca_file)
+            probe_ctx = verifying_context(self.files.ca_file, PROBE_ALPN)
         except _LOAD_ERRORS:
             ca_loads = False
         if ca_loads:
@@ -223,8 +241,9 @@ class CredentialFiles:
             return
         else:
             ctx = verifying_context(None)
+            probe_ctx = verifying_context(None, PROBE_ALPN)
             log.error("cannot load the CA file; no apiserver verifies until it can be loaded")
-        self._use(ctx, complete=False)
+        self._use(ctx, probe_ctx, complete=False)
 
     def token(self) -> str | None:
         """The bearer token, re-read when the file changes; None when there is none."""

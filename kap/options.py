@@ -146,6 +146,17 @@ OPTIONS: tuple[Option, ...] = (
         kind=POSITIVE_DURATION,
     ),
     Option(
+        "readiness_interval",
+        ("--readiness-interval",),
+        "READINESS_INTERVAL",
+        None,
+        "Time between two /readyz of an upstream whose probe connection speaks HTTP/2; "
+        "the checks in between are PINGs. Default: --health-interval (every check a /readyz); "
+        "at least --health-interval, at most 60s (kube-apiserver closes an HTTP/2 connection "
+        "idle for 90s).",
+        kind=POSITIVE_DURATION,
+    ),
+    Option(
         "health_jitter",
         ("--health-jitter",),
         "HEALTH_JITTER",

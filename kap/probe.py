@@ -18,6 +18,13 @@ A probe has two deadlines, each bounding what it measures:
   A request that times out closes the connection; the next probe opens a new
   one first, under the open budget, so a timeout never dooms the next probe.
 
+When the probe connection speaks HTTP/2 and ``readiness_interval`` is
+longer than the interval (``--readiness-interval``, the fleet setting), the
+checks between two ``/readyz`` are HTTP/2 PINGs on it (``next_check``
+decides); a PING has the timeout as its deadline, and its round trip is the
+latency. Anything that asks for a closer look (a missed PING, a failure, a
+poke, a GOAWAY) makes the next check a ``/readyz`` at once.
+
 What the latency is: the time from sending the request to receiving the
 response headers on the open connection: one round trip plus the apiserver's
 own answer time (an apiserver 40 ms away shows about 40 ms). It leaves out
@@ -42,7 +49,8 @@ from loguru import logger
 from kap.address import Address
 from kap.credentials import CredentialFiles
 from kap.pool import Change, Pool
-from kap.probe_connection import Http11Connection, ProbeProtocolError, open_connection
+from kap.probe_connection import Http11Connection, ProbeProtocolError, open_tls
+from kap.probe_h2 import ALPN_H2, GoAway, Http2Connection
 
 READYZ_PATH = "/readyz"
 # 401/403: the apiserver answered, so it is alive; only kap's credentials are
@@ -81,6 +89,32 @@ PROBE_ERRORS = (
     h11.LocalProtocolError,
     ProbeProtocolError,
 )
+READYZ = "readyz"
+PING = "ping"
+
+
+def next_check(
+    *,
+    protocol: str | None,
+    readyz_due: bool,
+    since_readyz: float | None,
+    interval: float,
+    readiness_interval: float,
+) -> str:
+    """What the next health check of an upstream is: ``READYZ`` or ``PING``.
+
+    A PING only when the upstream's open probe connection speaks HTTP/2, the
+    last ``/readyz`` passed and is younger than the readiness interval (less
+    half an interval, so that jittered ticks still give one ``/readyz`` per
+    readiness interval, not one every other), and nothing asked for a
+    ``/readyz`` (``readyz_due``: a failed or missed check, a failed dial, a
+    passive failure, a GOAWAY, a changed slice).
+    """
+    if readiness_interval <= interval or readyz_due or protocol != ALPN_H2:
+        return READYZ
+    if since_readyz is None or since_readyz >= readiness_interval - interval / 2:
+        return READYZ
+    return PING
 
 
 def next_delay(interval: float, jitter: float, u: float) -> float:
@@ -110,6 +144,10 @@ class ProbeResult:
     auth_refused: bool = False
     inconclusive: bool = False  # kap itself was too busy to tell; not recorded
     open_timed_out: bool = False  # the connection did not open within the open budget
+    ping_missed: bool = False  # a PING got no ack within the timeout
+    # GOAWAY(NO_ERROR) before the answer: an apiserver closing the connection
+    # on purpose; not recorded, the check is repeated at once on a new one.
+    retry: bool = False
 
 
 def describe_error(exc: BaseException) -> str:
@@ -148,7 +186,20 @@ class Prober:
 
     credentials: CredentialFiles
     server_name: str
-    _connections: dict[Address, Http11Connection] = attrs.field(factory=dict, alias="_connections")
+    _connections: dict[Address, Http11Connection | Http2Connection] = attrs.field(
+        factory=dict, alias="_connections"
+    )
+    # The protocol each upstream's last probe connection negotiated.
+    _protocols: dict[Address, str] = attrs.field(factory=dict, alias="_protocols")
+
+    def protocol(self, address: Address) -> str | None:
+        """``h2`` or ``http/1.1``: what the upstream's probe connection speaks (None: unknown)."""
+        return self._protocols.get(address)
+
+    def open_protocol(self, address: Address) -> str | None:
+        """The protocol of the upstream's connection if it is open and reusable, else None."""
+        conn = self._connections.get(address)
+        return conn.protocol if conn is not None and conn.reusable else None
 
     async def open(self, address: Address) -> ProbeResult | None:
         """Reuse the upstream's connection, or open a new one.
@@ -159,19 +210,36 @@ class Prober:
         Returns:
           None when the connection is open, else the failed probe.
         """
-        context = self.credentials.ssl_context()  # first: it may bump the generation
+        context = self.credentials.probe_ssl_context()  # first: it may bump the generation
         conn = self._connections.get(address)
+        if isinstance(conn, Http2Connection):
+            await conn.catch_up()
         if conn is not None:
             if conn.generation == self.credentials.generation and conn.reusable:
                 return None
             await self.forget(address)
+            if isinstance(conn, Http2Connection) and conn.goaway:  # an error code
+                return ProbeResult(ok=False, error=str(GoAway(conn.goaway)))
+        generation = self.credentials.generation
+        new: Http11Connection | Http2Connection
         try:
-            conn = await open_connection(
-                address, context, self.server_name, self.credentials.generation
-            )
+            tls = await open_tls(address, context, self.server_name)
+            host = self.server_name or str(address)
+            if tls.selected_alpn_protocol() == ALPN_H2:
+                new = Http2Connection(tls, host=host, generation=generation)
+                self._connections[address] = new  # forget() closes it if start fails
+                await new.start()
+            else:
+                new = Http11Connection(tls, host=host, generation=generation)
         except PROBE_ERRORS as e:
+            await self.forget(address)
             return ProbeResult(ok=False, error=describe_error(e))
-        self._connections[address] = conn
+        self._connections[address] = new
+        if self._protocols.get(address) != new.protocol:
+            self._protocols[address] = new.protocol
+            logger.bind(upstream=str(address), protocol=new.protocol).info(
+                "probe connection speaks " + new.protocol
+            )
         return None
 
     async def request(self, address: Address) -> ProbeResult:
@@ -183,6 +251,9 @@ class Prober:
         start = trio.current_time()
         try:
             answer = await conn.get(READYZ_PATH, headers)
+        except GoAway as e:
+            await self.forget(address)
+            return ProbeResult(ok=False, error=str(e), retry=e.graceful)
         except PROBE_ERRORS as e:
             await self.forget(address)
             return ProbeResult(ok=False, error=describe_error(e))
@@ -208,6 +279,35 @@ class Prober:
             duration=duration,
             error=f"HTTP {status}" + (f": {body}" if body else ""),
         )
+
+    async def ping(self, address: Address) -> ProbeResult:
+        """One HTTP/2 PING on the connection ``open`` made; its round trip is the latency."""
+        conn = self._connections.get(address)
+        if not isinstance(conn, Http2Connection):
+            return ProbeResult(ok=False, error="no open HTTP/2 connection")
+        try:
+            rtt = await conn.ping()
+        except GoAway as e:
+            await self.forget(address)
+            return ProbeResult(ok=False, error=str(e), retry=e.graceful)
+        except PROBE_ERRORS as e:
+            await self.forget(address)
+            return ProbeResult(ok=False, error=describe_error(e))
+        return ProbeResult(ok=True, latency=rtt, duration=rtt)
+
+    async def idle(self, address: Address) -> None:
+        """Wait while the upstream's connection stays open; return when it ends.
+
+        An HTTP/2 connection is read meanwhile (``Http2Connection.idle``), so
+        a GOAWAY ends the wait when it comes; an HTTP/1.1 connection or none
+        waits forever (the caller's cancel scope ends it).
+        """
+        conn = self._connections.get(address)
+        if isinstance(conn, Http2Connection):
+            await conn.idle()
+            if not conn.reusable:
+                return
+        await trio.sleep_forever()
 
     async def forget(self, address: Address) -> None:
         """Close the kept-alive connection of an upstream (after a failure or its removal).
@@ -242,6 +342,11 @@ class ProbeScheduler:
     jitter: float
     on_changes: Callable[[list[Change]], None]
     rng: random.Random = attrs.field(factory=random.Random)
+    # Seconds between two /readyz of an upstream whose probe connection speaks
+    # HTTP/2; the checks in between are PINGs (None: every check is a /readyz).
+    readiness_interval: float | None = None
+    _readyz_at: dict[Address, float] = attrs.field(factory=dict, alias="_readyz_at")
+    _readyz_due: set[Address] = attrs.field(factory=set, alias="_readyz_due")
     _tasks: dict[Address, trio.CancelScope] = attrs.field(factory=dict, alias="_tasks")
     _naps: dict[Address, trio.CancelScope] = attrs.field(factory=dict, alias="_naps")
     inconclusive_total: int = 0
@@ -267,6 +372,8 @@ class ProbeScheduler:
         for address in list(self._tasks):
             if address not in current:
                 self._tasks.pop(address).cancel()
+                self._readyz_at.pop(address, None)
+                self._readyz_due.discard(address)
                 self._nursery.start_soon(self.prober.forget, address)
         for address in current:
             if address not in self._tasks:
@@ -278,8 +385,10 @@ class ProbeScheduler:
         with scope:
             added = trio.current_time()
             warned = False
+            retried = False
             while True:
-                result = await self.probe_once(address)
+                result = await self.check_once(address, may_retry=not retried)
+                retried = result.retry
                 up = self.pool.get(address)
                 if not warned and up is not None and not up.probed_ok:
                     waited = trio.current_time() - added
@@ -287,7 +396,9 @@ class ProbeScheduler:
                         warned = True
                         why = f"not healthy {waited:.0f}s after it was added: {up.last_error}"
                         self.on_changes([Change(address, "never-healthy", why)])
-                if result.inconclusive or (
+                if result.retry or result.ping_missed:
+                    delay = 0.0  # a new connection, or the wait for the ack was the pause
+                elif result.inconclusive or (
                     not result.ok and up is not None and up.score >= 0 and up.probed_ok
                 ):
                     # On its way down: confirm quickly (HAProxy's fastinter), so
@@ -300,7 +411,9 @@ class ProbeScheduler:
                     delay = next_delay(self.interval, self.jitter, self.rng.uniform(-1, 1))
                 with trio.move_on_after(delay) as nap:
                     self._naps[address] = nap
-                    await trio.sleep_forever()
+                    await self.prober.idle(address)
+                    # The connection ended (GOAWAY, or closed): /readyz at once.
+                    self._readyz_due.add(address)
                 self._naps.pop(address, None)
 
     @property
@@ -314,12 +427,46 @@ class ProbeScheduler:
         return open_budget(self.interval, self.timeout)
 
     def poke(self, address: Address) -> None:
-        """Probe ``address`` now (a client's dial to it just failed): wakes its task."""
+        """``/readyz`` of ``address`` now (a client's dial to it just failed): wakes its task."""
+        if address in self._tasks:
+            self._readyz_due.add(address)
         nap = self._naps.get(address)
         if nap is not None:
             nap.cancel()
 
-    async def probe_once(self, address: Address) -> ProbeResult:
+    async def check_once(self, address: Address, *, may_retry: bool = True) -> ProbeResult:
+        """The next check of ``address``: a ``/readyz`` or a PING, as ``next_check`` says."""
+        readyz_at = self._readyz_at.get(address)
+        kind = next_check(
+            protocol=self.prober.open_protocol(address),
+            readyz_due=address in self._readyz_due,
+            since_readyz=None if readyz_at is None else trio.current_time() - readyz_at,
+            interval=self.interval,
+            readiness_interval=self.readiness_interval or self.interval,
+        )
+        if kind == PING:
+            return await self.ping_once(address, may_retry=may_retry)
+        return await self.probe_once(address, may_retry=may_retry)
+
+    async def ping_once(self, address: Address, *, may_retry: bool = True) -> ProbeResult:
+        """PING ``address``'s HTTP/2 probe connection within the timeout; apply the result.
+
+        A PING not acked in time is a failed check, and closes the
+        connection; a ``/readyz`` on a new one follows at once.
+        """
+        start = trio.current_time()
+        result: ProbeResult | None = None
+        deadline = start + self.timeout
+        with trio.move_on_at(deadline):
+            result = await self.prober.ping(address)
+        if result is None:
+            result = await self._timed_out(
+                address, deadline, start, f"no PING ack within {self.timeout * 1e3:g}ms"
+            )
+            result = attrs.evolve(result, ping_missed=not result.inconclusive)
+        return self._apply(address, result, start, may_retry=may_retry, readyz=False)
+
+    async def probe_once(self, address: Address, *, may_retry: bool = True) -> ProbeResult:
         """Probe ``address`` and apply the result to the pool.
 
         Two steps, two deadlines: open the connection (when there is no
@@ -353,9 +500,28 @@ class ProbeScheduler:
                 result = await self._timed_out(
                     address, deadline, start, f"timeout after {self.timeout * 1e3:g}ms"
                 )
-        if result.inconclusive:
+        return self._apply(address, result, start, may_retry=may_retry, readyz=True)
+
+    def _apply(
+        self, address: Address, result: ProbeResult, start: float, *, may_retry: bool, readyz: bool
+    ) -> ProbeResult:
+        """Record a check's result in the pool, and whether a ``/readyz`` is due next.
+
+        A GOAWAY(NO_ERROR) before the answer is not recorded (``retry``),
+        unless the check before was one too (``may_retry`` false): an
+        apiserver that sends nothing else fails its checks.
+        """
+        if result.retry and not may_retry:
+            result = attrs.evolve(result, retry=False, error=f"{result.error} twice in a row")
+        if result.inconclusive or result.retry:
+            self._readyz_due.add(address)
             return result
-        log = logger.bind(upstream=str(address))
+        if result.ok and readyz:
+            self._readyz_at[address] = start
+            self._readyz_due.discard(address)
+        elif not result.ok and address in self._tasks:
+            self._readyz_due.add(address)
+        log = logger.bind(upstream=str(address), check=READYZ if readyz else PING)
         if result.ok:
             log.debug("probe ok", status=result.status, latency_ms=_ms(result.latency))
         else:

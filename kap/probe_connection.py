@@ -4,10 +4,10 @@ kap opens and speaks on its probe connections itself, not through an HTTP
 client's pool, because a probe's two deadlines must bound what they measure
 (``kap/probe.py``): opening the connection (TCP connect and TLS handshake) is
 one step, each ``GET /readyz`` on the open connection another, and the caller
-puts each under its own cancel scope. The fleet-scale probes will speak HTTP/2
-frames (PING, GOAWAY) on this same connection: ALPN then picks the protocol in
-``open_connection``, and an HTTP/2 connection with the same ``get`` sits beside
-``Http11Connection``.
+puts each under its own cancel scope. ``open_tls`` offers ``h2`` and
+``http/1.1`` over ALPN (the probe's TLS context says so); when the apiserver
+picks ``h2``, ``kap/probe_h2.py``'s ``Http2Connection`` (same ``get``, plus
+PINGs) sits on the TLS stream instead of ``Http11Connection``.
 
 Nothing here has a deadline of its own: the caller's cancel scope is it.
 """
@@ -28,6 +28,7 @@ from kap.address import Address
 MAX_BODY = 4096
 RECEIVE_SIZE = 16384
 USER_AGENT = "kap-probe"
+ALPN_HTTP11 = "http/1.1"
 
 
 class ProbeProtocolError(Exception):
@@ -55,6 +56,8 @@ class Http11Connection:
     host: str  # the Host header
     generation: int
     _h11: h11.Connection = attrs.field(factory=lambda: h11.Connection(h11.CLIENT), alias="_h11")
+
+    protocol = ALPN_HTTP11
 
     @property
     def reusable(self) -> bool:
@@ -119,14 +122,15 @@ class Http11Connection:
         await self.stream.aclose()
 
 
-async def open_connection(
-    address: Address, context: ssl.SSLContext, server_name: str, generation: int
-) -> Http11Connection:
+async def open_tls(
+    address: Address, context: ssl.SSLContext, server_name: str
+) -> trio.SSLStream[trio.SocketStream]:
     """TCP connect and TLS handshake to ``address``.
 
     The certificate is checked against ``server_name`` (sent as SNI) when
     given, else against the address itself, as the context says
-    (``check_hostname``).
+    (``check_hostname``). ``selected_alpn_protocol()`` of the stream says
+    which protocol the apiserver picked.
 
     Raises:
       OSError: the connect failed (refused, unreachable, no such name).
@@ -142,4 +146,4 @@ async def open_connection(
     except BaseException:
         await trio.aclose_forcefully(tcp)
         raise
-    return Http11Connection(tls, host=server_name or str(address), generation=generation)
+    return tls

@@ -23,6 +23,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from kap.address import Address
 from kap.pool import PROBE_BUCKETS, Pool, Upstream
 from kap.problems import find_problems
 
@@ -43,6 +44,8 @@ class Counters:
     discovery: Callable[[], dict[str, Any] | None] = lambda: None
     # Unix time the client certificate kap presents expires (None: none or unknown).
     client_cert_expiry_unix: Callable[[], float | None] = lambda: None
+    # What an upstream's probe connection speaks: "h2" or "http/1.1" (None: not yet known).
+    probe_protocol: Callable[[Address], str | None] = lambda address: None
 
 
 @attrs.frozen
@@ -68,9 +71,10 @@ class UpstreamReport:
     unhealthy_for_s: float | None
     held_down_for_s: float | None  # flap damping: recovery waits this long
     removal_in_s: float | None
+    protocol: str | None = None  # "h2" or "http/1.1": what its probe connection speaks
 
     @classmethod
-    def of(cls, u: Upstream, now: float) -> UpstreamReport:
+    def of(cls, u: Upstream, now: float, protocol: str | None = None) -> UpstreamReport:
         def since(t: float | None) -> float | None:
             return None if t is None else round(max(0.0, now - t), 3)
 
@@ -97,6 +101,7 @@ class UpstreamReport:
             unhealthy_for_s=since(u.unhealthy_since),
             held_down_for_s=until(u.held_until),
             removal_in_s=until(u.remove_at),
+            protocol=protocol,
         )
 
 
@@ -137,7 +142,8 @@ def upstreams_document(
     pool: Pool, counters: Counters, now: float, wall: float | None = None
 ) -> dict[str, Any]:
     """``/upstreams``; ``now`` is trio's clock, ``wall`` the Unix time (default: now)."""
-    reports = [UpstreamReport.of(u, now) for u in pool.upstreams]
+    protocol = counters.probe_protocol
+    reports = [UpstreamReport.of(u, now, protocol(u.address)) for u in pool.upstreams]
     discovery = counters.discovery()
     doc: dict[str, Any] = {
         "problems": _problems(reports, discovery, counters, time.time() if wall is None else wall),

@@ -55,6 +55,11 @@ import attrs
 import h11
 import trio
 
+try:  # tests/ on the path: pytest, and run as a script
+    from fakeh2 import H2ServerConnection
+except ModuleNotFoundError:  # python -m tests.fakeapi
+    from tests.fakeh2 import H2ServerConnection
+
 READYZ_MODES = ("200", "500", "slow", "hang", "close")
 HEALTH_PATHS = ("/readyz", "/livez", "/healthz")
 TLS_HANDSHAKE_BYTE = 0x16
@@ -592,12 +597,24 @@ class FakeApiServer:
     bearer_requests: int = attrs.field(init=False, default=0)
     client_cert_requests: int = attrs.field(init=False, default=0)
     client_cert_serials: list[int | None] = attrs.field(init=False, factory=list)
+    # HTTP/2 (tests/fakeh2.py): offered over ALPN unless ``http2`` is off;
+    # GOAWAY(NO_ERROR) after ``h2_idle_goaway`` seconds without a stream (as
+    # kube-apiserver: 90 s); PINGs acked while ``ack_pings``.
+    http2: bool = True
+    h2_idle_goaway: float | None = 90.0
+    ack_pings: bool = True
+    h2_probe_requests: int = attrs.field(init=False, default=0)
+    pings: int = attrs.field(init=False, default=0)
+    goaways_sent: list[int] = attrs.field(init=False, factory=list)
+    _h2_connections: set[H2ServerConnection] = attrs.field(init=False, factory=set)
     _ssl_context: ssl.SSLContext | None = attrs.field(init=False, default=None)
     _cancel_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _connection_scopes: set[trio.CancelScope] = attrs.field(init=False, factory=set)
 
     def __attrs_post_init__(self) -> None:
         self._ssl_context = self.pki.server_ssl_context()
+        if self.http2:
+            self._ssl_context.set_alpn_protocols(["h2", "http/1.1"])
 
     async def run(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
@@ -636,6 +653,20 @@ class FakeApiServer:
 
     def probe_count(self, path: str = "/readyz") -> int:
         return len(self.probe_times.get(path, []))
+
+    def counts(self) -> dict[str, int]:
+        """Requests by kind: health probes over HTTP/1.1 and HTTP/2, and PINGs."""
+        probes = sum(len(times) for times in self.probe_times.values())
+        return {
+            "probe_h1": probes - self.h2_probe_requests,
+            "probe_h2": self.h2_probe_requests,
+            "ping": self.pings,
+        }
+
+    def goaway(self, error_code: int = 0) -> None:
+        """GOAWAY with ``error_code`` on every HTTP/2 connection, which then closes."""
+        for conn in list(self._h2_connections):
+            conn.goaway(error_code)
 
     @property
     def url(self) -> str:
@@ -683,6 +714,9 @@ class FakeApiServer:
             await tls.do_handshake()
         self.tls_handshakes += 1
         try:
+            if tls.selected_alpn_protocol() == "h2":
+                await self._serve_h2(tls)
+                return
             await self._serve_http(tls)
         finally:
             await trio.aclose_forcefully(tls)
@@ -725,6 +759,24 @@ class FakeApiServer:
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
+
+    async def _serve_h2(self, tls: trio.SSLStream[trio.SocketStream]) -> None:
+        serial = (tls.getpeercert() or {}).get("serialNumber")
+        self.client_cert_serials.append(None if serial is None else int(str(serial), 16))
+        await H2ServerConnection(self, tls, self._cert_user(tls)).serve()
+
+    async def respond_h2(
+        self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, user: str | None
+    ) -> bool:
+        """Answer one HTTP/2 stream (``request`` as h11 gives it); False: end the connection."""
+        path = urlsplit(request.target.decode("latin-1")).path.rstrip("/") or "/"
+        if path in HEALTH_PATHS or path.startswith(tuple(p + "/" for p in HEALTH_PATHS)):
+            self.h2_probe_requests += 1
+        try:
+            await self._respond(conn, stream, request, user)
+        except _ConnectionDone:
+            return False
+        return True
 
     async def _next_request(self, conn: h11.Connection, tls: trio.abc.Stream) -> h11.Request | None:
         request = None

@@ -65,6 +65,12 @@ class ScriptedProber:
     async def aclose(self) -> None:
         pass
 
+    def open_protocol(self, address: Address) -> str | None:
+        return "http/1.1" if address in self.connected else None
+
+    async def idle(self, address: Address) -> None:
+        await trio.sleep_forever()
+
 
 def scheduler(
     pool: Pool, prober: ScriptedProber, *, jitter: float = 0.0, **kw: float

@@ -82,15 +82,22 @@ async def test_dead_upstream_costs_clients_nothing(
         assert not dead.usable
 
 
+@pytest.mark.parametrize("readiness", [None, "30s"], ids=["default", "readiness-30s"])
 async def test_hung_upstream_leaves_rotation_and_is_drained(
     nursery: trio.Nursery,
     pki: PkiFiles,
     free_port: int,
     figure: object,
     monkeypatch: pytest.MonkeyPatch,
+    readiness: str | None,
 ) -> None:
-    """2. SIGSTOP: out of rotation within interval + 3 x timeout + margin; drained later."""
+    """2. SIGSTOP: out of rotation within interval + 3 x timeout + margin; drained later.
+
+    The same with ``--readiness-interval=30s``, where the checks between two
+    /readyz are HTTP/2 PINGs: a PING with no ack fails like a /readyz.
+    """
     one_tier(monkeypatch)
+    fleet = {} if readiness is None else {"readiness_interval": readiness}
     async with (
         fake_api_process("a", pki, host="127.0.0.2", port=free_port) as a,
         fake_api_process("b", pki, host="127.0.0.3", port=free_port) as b,
@@ -102,10 +109,12 @@ async def test_hung_upstream_leaves_rotation_and_is_drained(
             health_timeout="100ms",
             health_jitter="0.2",
             drain_after="2s",
+            **fleet,
         )
         app, bound = await start_kap(nursery, cfg)
         hung = Address("127.0.0.2", free_port)
         await wait_until(lambda: all(u.score == SCORE_MAX for u in app.pool.upstreams))
+        assert app.probes.prober.protocol(hung) == "h2"
         # Long-lived clients (watches) on both upstreams.
         streams = []
         for _ in range(8):
@@ -141,14 +150,15 @@ async def test_hung_upstream_leaves_rotation_and_is_drained(
         finally:
             a.resume()
         limit = 1.0 * 1.2 + 3 * 0.1 + 1.0  # interval(+jitter) + 3 x timeout + one interval
-        figure("2 hung upstream", "seconds until no new connections go there", out_of_rotation, "s")
+        case = "2 hung upstream" + ("" if readiness is None else f", readiness {readiness}")
+        figure(case, "seconds until no new connections go there", out_of_rotation, "s")
         figure(
-            "2 hung upstream",
+            case,
             "seconds until its clients were closed (drain-after 2s)",
             max(closed_at),
             "s",
         )
-        figure("2 hung upstream", "spread of the closes", max(closed_at) - min(closed_at), "s")
+        figure(case, "spread of the closes", max(closed_at) - min(closed_at), "s")
         assert out_of_rotation <= limit
         assert len(closed_at) == len(on_hung)
         # Drained once unhealthy for drain-after (2 s), spread over up to 3 s.
