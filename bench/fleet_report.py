@@ -2,90 +2,80 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fleet_model as model
 
-PENDING = "pending h2probe"  # what the fleet column says while kap lacks --readiness-interval
+Getter = Callable[[dict[str, Any]], Any]
 
-ROWS = (
-    ("probe /readyz", model.PROBE),
-    ("PING frames (not requests)", model.PING),
-    ("LIST from cache", model.LIST_CACHE),
-    ("LIST consistent", model.LIST_CONSISTENT),
-    ("WATCH start", model.WATCH),
-    ("requests in all", "requests"),
+PER_NODE: Sequence[tuple[str, Getter]] = (
+    ("probe /readyz", lambda s: s["per_node"]["mean"][model.PROBE]),
+    ("PING frames (not requests)", lambda s: s["per_node"]["mean"][model.PING]),
+    ("LIST from cache", lambda s: s["per_node"]["mean"][model.LIST_CACHE]),
+    ("LIST consistent", lambda s: s["per_node"]["mean"][model.LIST_CONSISTENT]),
+    ("WATCH start", lambda s: s["per_node"]["mean"][model.WATCH]),
+    ("requests in all", lambda s: s["per_node"]["mean"]["requests"]),
+    ("requests, busiest node", lambda s: s["per_node"]["max"]["requests"]),
+)
+PROJECTED: Sequence[tuple[str, Getter]] = (
+    ("requests/s per apiserver", lambda p: p["per_apiserver"]["requests"]),
+    ("PINGs/s per apiserver", lambda p: p["per_apiserver"][model.PING]),
+    ("WATCH starts/s (cluster)", lambda p: p["watch_starts_per_s"]),
+    ("etcd reads/s (cluster)", lambda p: p["etcd_reads_per_s"]),
+)
+HERD: Sequence[tuple[str, Getter]] = (
+    ("kaps that re-listed or re-watched", lambda h: h["count"]),
+    ("min", lambda h: h["min"]),
+    ("median", lambda h: h["median"]),
+    ("p90", lambda h: h["p90"]),
+    ("max", lambda h: h["max"]),
+    ("spread (max - min)", lambda h: h["spread"]),
+    ("re-lists from cache", lambda h: h["requests"][model.LIST_CACHE]),
+    ("re-lists consistent", lambda h: h["requests"][model.LIST_CONSISTENT]),
+    ("re-watches", lambda h: h["requests"][model.WATCH]),
 )
 
 
-def cell(setting: dict[str, Any], fmt: str, get: Any) -> str:
-    if setting.get("status") != "ran":
-        return str(setting.get("status"))
-    return format(get(setting), fmt)
+def _number(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else format(value, fmt)
+
+
+def _table(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]) -> str:
+    lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return "\n".join(lines) + "\n"
 
 
 def table(result: dict[str, Any]) -> str:
-    """Markdown tables docs/cost.md quotes."""
+    """Per node, projected, herd, budgets: what docs/cost.md quotes."""
     settings = result["settings"]
     names = list(settings)
-    head = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
-    out = [f"Per node, requests/s (mean over {result['kaps']} kaps, {result['seconds']:g} s):\n"]
-    out.append(head)
-    for label, key in ROWS:
-        cells = [cell(settings[n], ".4f", lambda s, k=key: s["per_node"]["mean"][k]) for n in names]
-        out.append(f"| {label} | " + " | ".join(cells) + " |\n")
-    cells = [cell(settings[n], ".4f", lambda s: s["per_node"]["max"]["requests"]) for n in names]
-    out.append("| requests, busiest node | " + " | ".join(cells) + " |\n")
-    out.append(f"\nProjected to {model.NODES:,} nodes x {model.APISERVERS} apiservers:\n\n")
-    out.append(head)
-    projections = [
-        ("requests/s per apiserver", lambda s: s["projection"]["per_apiserver"]["requests"]),
-        ("PINGs/s per apiserver", lambda s: s["projection"]["per_apiserver"][model.PING]),
-        ("WATCH starts/s (cluster)", lambda s: s["projection"]["watch_starts_per_s"]),
-        ("etcd reads/s (cluster)", lambda s: s["projection"]["etcd_reads_per_s"]),
+    runs = [settings[n] for n in names]
+    per_node = [(label, [_number(get(s), ".4f") for s in runs]) for label, get in PER_NODE]
+    projections = [result["original_model"], *(s["projection"] for s in runs)]
+    projected = [
+        (label, [_number(get(p), ",.1f") for p in projections]) for label, get in PROJECTED
     ]
-    for label, get in projections:
-        out.append(
-            f"| {label} | " + " | ".join(cell(settings[n], ",.1f", get) for n in names) + " |\n"
-        )
-    out.append(
-        "\nHerd after one apiserver restart (seconds after it stopped, "
-        f"{result['herd_seconds']:g} s window):\n\n"
-    )
-    out.append(head)
-    for label, key in (
-        ("kaps that re-listed or re-watched", "count"),
-        ("min", "min"),
-        ("median", "median"),
-        ("p90", "p90"),
-        ("max", "max"),
-        ("spread (max - min)", "spread"),
-    ):
-        fmt = "d" if key == "count" else ".2f"
-        cells = [
-            cell(
-                settings[n],
-                "",
-                lambda s, k=key, f=fmt: "-" if s["herd"][k] is None else format(s["herd"][k], f),
-            )
-            for n in names
-        ]
-        out.append(f"| {label} | " + " | ".join(cells) + " |\n")
-    herd_requests = [
-        ("re-lists from cache", model.LIST_CACHE),
-        ("re-lists consistent", model.LIST_CONSISTENT),
-        ("re-watches", model.WATCH),
-    ]
-    for label, key in herd_requests:
-        cells = [cell(settings[n], "d", lambda s, k=key: s["herd"]["requests"][k]) for n in names]
-        out.append(f"| {label} | " + " | ".join(cells) + " |\n")
-    out.append("\nBudgets (steady state, mean per node):\n\n")
-    for n in names:
-        s = settings[n]
-        if s.get("status") != "ran":
-            out.append(f"- {n}: {s.get('status')}\n")
-            continue
+    herd = [(label, [_number(get(s["herd"]), ".2f") for s in runs]) for label, get in HERD]
+    budgets = []
+    for name, s in zip(names, runs, strict=True):
         b = s["budget"]
         verdict = "holds" if b["holds"] else "FAILS: " + "; ".join(b["problems"])
-        out.append(f"- {n}: at most {b['limit']} requests/s per node: {verdict}\n")
-    return "".join(out)
+        budgets.append(f"- {name}: at most {b['limit']} requests/s per node: {verdict}\n")
+    return "".join(
+        [
+            f"Per node, requests/s (mean over {result['kaps']} kaps, {result['seconds']:g} s):\n\n",
+            _table(names, per_node),
+            f"\nProjected to {model.NODES:,} nodes x {model.APISERVERS} apiservers"
+            " (kap before: the original design, modelled):\n\n",
+            _table(["kap before", *names], projected),
+            "\nHerd after one apiserver restart (seconds after it stopped, "
+            f"{result['herd_seconds']:g} s window):\n\n",
+            _table(names, herd),
+            "\nBudgets (steady state, mean per node):\n\n",
+            *budgets,
+        ]
+    )
