@@ -16,6 +16,7 @@ The rules this module is held to:
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -102,11 +103,19 @@ def node_summary(by_node: Mapping[str, Mapping[str, float]]) -> dict[str, dict[s
 
 
 def spread(offsets: Sequence[float]) -> dict[str, Any]:
-    """min/median/p90/max of seconds after an event, and max - min."""
+    """min/median/p90/max of seconds after an event, and max - min (and the offsets)."""
     if not offsets:
-        return {"count": 0, "min": None, "median": None, "p90": None, "max": None, "spread": None}
+        return {
+            "count": 0,
+            "min": None,
+            "median": None,
+            "p90": None,
+            "max": None,
+            "spread": None,
+            "offsets": [],
+        }
     xs = sorted(offsets)
-    p90 = xs[min(len(xs) - 1, max(0, round(0.9 * len(xs)) - 1))]
+    p90 = xs[math.ceil(0.9 * len(xs)) - 1]  # nearest rank: a value that was seen
     return {
         "count": len(xs),
         "min": xs[0],
@@ -114,6 +123,7 @@ def spread(offsets: Sequence[float]) -> dict[str, Any]:
         "p90": p90,
         "max": xs[-1],
         "spread": xs[-1] - xs[0],
+        "offsets": xs,
     }
 
 

@@ -90,7 +90,13 @@ def test_no_herd_has_no_spread() -> None:
 
 @pytest.mark.parametrize(
     ("offsets", "p90"),
-    [([1.0], 1.0), ([1.0, 2.0], 2.0), ([float(i) for i in range(1, 11)], 9.0)],
+    [
+        ([1.0], 1.0),
+        ([1.0, 2.0], 2.0),
+        ([0.1, 0.2, 0.3, 0.4, 0.5], 0.5),  # nearest rank: of 5, the 5th
+        ([float(i) for i in range(1, 11)], 9.0),
+        ([float(i) for i in range(1, 12)], 10.0),
+    ],
 )
 def test_p90_is_a_seen_value(offsets: list[float], p90: float) -> None:
     assert model.spread(offsets)["p90"] == p90
