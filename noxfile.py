@@ -71,7 +71,9 @@ def faults(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """Three fake apiservers, kap in front, one killed mid-run; stops by itself."""
     install_locked(session)
-    session.run("python", "hack/demo.py", *session.posargs)
+    # A module from the repository's root (nox's working directory), so that
+    # the fake apiserver imports as the package tests.fakeapi.
+    session.run("python", "-m", "hack.demo", *session.posargs)
 
 
 @nox.session

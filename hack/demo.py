@@ -1,7 +1,8 @@
 """kap's demo: fake kube-apiservers on loopback, kap in front, found by discovery, one killed.
 
-Run with ``nox -s demo`` (or ``python hack/demo.py`` where kap and the test
-extras are installed). It stops by itself in well under a minute:
+Run with ``nox -s demo`` (or ``python -m hack.demo`` from the repository's root
+where kap and the test extras are installed: the fake apiserver is the package
+``tests.fakeapi``). It stops by itself in well under a minute:
 
 1. makes a throw-away CA and certificates (trustme),
 2. starts three fake apiservers as processes on 127.0.0.2-4, one shared port,
@@ -36,10 +37,7 @@ from typing import Any
 import httpx2
 import trio
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from fakeapi import (  # noqa: E402
+from tests.fakeapi import (
     PkiFiles,
     create_pki,
     endpoint_slice,

@@ -6,23 +6,29 @@
     ├── App._signals                SIGTERM/SIGINT -> Proxy.stop_accepting(grace)
     ├── Relay.run                   the byte pump: one epoll set for every relayed socket
     ├── HealthServer.run            /healthz /readyz /upstreams /metrics (h11)
+    ├── Membership.run              starting upstreams, then discovery's sets (a channel)
+    │                               -> pool; the fallback file (worker thread); removals
     ├── ProbeScheduler.run          probe nursery: one jittered /readyz loop per upstream
-    ├── App._housekeeping           removal grace expiry, drain of dead upstreams
+    ├── App._housekeeping           drains of dead and removed upstreams, memory trim,
+    │                               the problems log line
     ├── EndpointSliceWatcher.run    discovery: list + watch default/kubernetes slices through
-    │                               an upstream the pool picks; the set -> App.on_discovered
-    │                               -> pool (source discovery) and the fallback file
+    │                               one of the pool's best; each new set -> the channel
     └── Proxy.run                   accept loop + forwarding nursery:
                                     one task and cancel scope per client connection
 
 Start order is the list's; kap accepts clients only once the pump, the health
 server and the first probes are running. ``Proxy.run`` returning (after a
 signal and the drain) ends everything else.
+
+What the pool changes (``kap.events.Change``) is published on one
+``ChangeFeed`` by whoever asked the pool (probes, client dials, membership);
+the probe scheduler, discovery and the app subscribe to the kinds they act
+on. The app's part is wiring and the log: every change is one log line.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import random
 import signal
 import time
@@ -31,27 +37,28 @@ import attrs
 import trio
 from loguru import logger
 
-from kap import fallback
 from kap.address import Address
 from kap.build import build_info
 from kap.config import Config
 from kap.credentials import NO_CA, CredentialFiles
 from kap.discovery import EndpointSliceWatcher
+from kap.events import Change, ChangeFeed, ChangeKind
 from kap.health import HealthServer
+from kap.membership import Membership, open_sets_channel
 from kap.memory import TrimPolicy, release_free_memory
-from kap.pool import SOURCE_DISCOVERY, SOURCE_FILE, SOURCE_FLAG, SOURCE_KUBECONFIG, Change, Pool
+from kap.pool import Pool
 from kap.probe import Prober, ProbeScheduler
 from kap.proxy import Proxy
 from kap.relay import Relay
 from kap.report import Counters, current_problems, metrics_registry, metrics_text, upstreams_json
 from kap.sockets import TcpOptions
+from kap.upstream import TIER_THRESHOLDS
 
-# How often housekeeping looks for expired removals and dead upstreams to drain.
+# How often housekeeping looks for dead upstreams to drain.
 HOUSEKEEPING_PERIOD = 1.0
 # Closes of a drained upstream's connections are spread over this many
 # seconds with jitter, so a node's watches do not all reconnect in one burst.
 DRAIN_SPREAD = 3.0
-MEMBERSHIP_KINDS = frozenset({"added", "removed"})
 
 
 @attrs.define
@@ -64,9 +71,20 @@ class Bound:
 
 @attrs.define
 class App:
+    """Builds every part from the config and runs them in one nursery (the module docstring).
+
+    Args:
+      config: the parsed configuration.
+      rng: the one random source (jitter, discovery's choice, drain spread).
+      tier_thresholds: the pool's latency tiers (tests put every latency in one tier).
+    """
+
     config: Config
     rng: random.Random = attrs.field(factory=random.Random)
+    tier_thresholds: tuple[float, ...] = TIER_THRESHOLDS
+    changes: ChangeFeed = attrs.field(factory=ChangeFeed, init=False)
     pool: Pool = attrs.field(init=False)
+    membership: Membership = attrs.field(init=False)
     relay: Relay = attrs.field(init=False)
     proxy: Proxy = attrs.field(init=False)
     probes: ProbeScheduler = attrs.field(init=False)
@@ -78,7 +96,20 @@ class App:
 
     def __attrs_post_init__(self) -> None:
         c = self.config
-        self.pool = Pool(removal_grace=c.removal_grace, default_service=c.default_service)
+        self.pool = Pool(
+            removal_grace=c.removal_grace,
+            default_service=c.default_service,
+            tier_thresholds=self.tier_thresholds,
+        )
+        discovered, sets = open_sets_channel()
+        self.membership = Membership(
+            pool=self.pool,
+            changes=self.changes,
+            sets=sets,
+            flags=list(c.fallback_upstreams),
+            kubeconfig_seed=c.kubeconfig_seed,
+            fallback_file=c.fallback_file,
+        )
         self.relay = Relay()
         self.credentials = CredentialFiles(c.credentials)
         self.proxy = Proxy(
@@ -88,7 +119,7 @@ class App:
             relay=self.relay,
             options=TcpOptions(c.keepalive_period, c.tcp_user_timeout),
             dial_timeout=c.dial_timeout,
-            on_changes=self.on_changes,
+            on_changes=self.changes.publish,
             rng=self.rng,
         )
         self.probes = ProbeScheduler(
@@ -97,7 +128,7 @@ class App:
             interval=c.health_interval,
             timeout=c.health_timeout,
             jitter=c.health_jitter,
-            on_changes=self.on_changes,
+            changes=self.changes,
             rng=self.rng,
             readiness_interval=c.readiness_interval,
         )
@@ -106,9 +137,12 @@ class App:
                 c,
                 pool=self.pool,
                 credentials=self.credentials,
-                on_update=self.on_discovered,
+                on_update=discovered.send_nowait,
+                changes=self.changes,
                 rng=self.rng,
             )
+        else:
+            discovered.close()  # membership then only expires removals
         self.counters = counters = Counters(
             accepted_total=lambda: self.proxy.stats.accepted_total,
             no_upstream_total=lambda: self.proxy.stats.no_upstream_total,
@@ -118,10 +152,19 @@ class App:
             bytes_up=lambda: self.relay.bytes_up,
             bytes_down=lambda: self.relay.bytes_down,
             discovery=lambda: None if self.discovery is None else self.discovery.status(),
+            client_cert_expiry_unix=lambda: self.credentials.client_cert_not_after,
+            ca_cert_expiry_unix=lambda: self.credentials.ca_not_after,
+            unauthenticated=lambda: not self.credentials.authenticated,
             probe_protocol=self.probes.prober.protocol,
+            health_connection_errors_total=lambda: self.health.connection_errors_total,
         )
+        self.health = self._health_server(counters)
+
+    def _health_server(self, counters: Counters) -> HealthServer:
+        """The health endpoints, each a read of the pool and the counters."""
+        c = self.config
         registry = metrics_registry(self.pool, counters)
-        self.health = HealthServer(
+        return HealthServer(
             host=c.health_host,
             port=c.health_port,
             routes={
@@ -138,82 +181,24 @@ class App:
             },
         )
 
-    # ---- membership and logging -------------------------------------------
+    # ---- the log sink -----------------------------------------------------
 
-    def on_changes(self, changes: list[Change]) -> None:
-        """Log what changed about upstreams; follow membership changes with the probes.
-
-        An upstream turning usable or unusable is passed on to discovery,
-        which leaves the default Service, or an upstream no longer usable.
-        """
-        for ch in changes:
-            log = logger.bind(upstream=str(ch.address), reason=ch.reason)
-            if ch.kind == "healthy":
-                log.info("upstream healthy")
-            elif ch.kind == "unhealthy":
-                log.warning("upstream unhealthy")
-            elif ch.kind == "never-healthy":
-                log.warning("upstream not healthy since it was added")
-            elif ch.kind == "tier":
-                log.info("upstream tier changed")
-            elif ch.kind == "auth":
-                log.warning("upstream refuses kap's credentials; counted as alive")
-            elif ch.kind == "suspect":
-                log.debug("upstream suspect until its next probe")
-                self.probes.poke(ch.address)
-            else:
-                log.info(f"upstream {ch.kind}")
-        if any(ch.kind in MEMBERSHIP_KINDS for ch in changes):
-            self.probes.sync()
-        if self.discovery is not None and any(
-            ch.kind in ("healthy", "unhealthy", "removed") for ch in changes
-        ):
-            self.discovery.usable_changed()
-
-    def set_source(self, source: str, addresses: list[Address]) -> None:
-        self.on_changes(self.pool.set_source(source, addresses, now=trio.current_time()))
-
-    def on_discovered(self, addresses: list[Address]) -> None:
-        """Discovery's new set: into the pool, and into the fallback file (kap's memory).
-
-        The file is rewritten in place (a hostPath mount cannot be renamed
-        over), only when its content changes, never with an empty list; a
-        write error is logged and discovery goes on. It is a small
-        synchronous write: it happens only when the control plane changes.
-        """
-        self.set_source(SOURCE_DISCOVERY, addresses)
-        path = self.config.fallback_file
-        if path is None or not addresses:
-            return
-        log = logger.bind(path=path, upstreams=[str(a) for a in addresses])
-        try:
-            if fallback.write_in_place(path, addresses):
-                log.info("fallback file updated with the discovered set")
-        except OSError as e:
-            log.bind(error=e.strerror or str(e)).error("cannot write the fallback file")
-
-    def load_static_sources(self) -> None:
-        c = self.config
-        self.set_source(SOURCE_FLAG, list(c.fallback_upstreams))
-        if c.kubeconfig_seed is not None:
-            self.set_source(SOURCE_KUBECONFIG, [c.kubeconfig_seed])
-        if c.fallback_file is not None:
-            problem: str | None = None
-            try:
-                addresses, skipped = fallback.read(c.fallback_file)
-            except fallback.FallbackFileError as e:
-                problem = str(e)
-            if problem is not None:
-                log = logger.bind(path=c.fallback_file, error=problem)
-                if _is_empty_file(c.fallback_file):
-                    # A fresh node: the hostPath FileOrCreate mount made it empty.
-                    log.info("the fallback file is empty; it is written once discovery succeeds")
-                else:
-                    log.error("ignoring the fallback file")
-                return
-            for why in skipped:
-                logger.bind(path=c.fallback_file, error=why).warning("skipping a fallback entry")
-            self.set_source(SOURCE_FILE, addresses)
+    def log_change(self, change: Change) -> None:
+        """One log line per change about an upstream (subscribed to every kind)."""
+        log = logger.bind(upstream=str(change.address), reason=change.reason)
+        kind = change.kind
+        if kind is ChangeKind.UNHEALTHY:
+            log.warning("upstream unhealthy")
+        elif kind is ChangeKind.NEVER_HEALTHY:
+            log.warning("upstream not healthy since it was added")
+        elif kind is ChangeKind.TIER:
+            log.info("upstream tier changed")
+        elif kind is ChangeKind.AUTH:
+            log.warning("upstream refuses kap's credentials; counted as alive")
+        elif kind is ChangeKind.SUSPECT:
+            log.debug("upstream suspect until its next probe")
+        else:
+            log.info(f"upstream {kind.value}")
 
     # ---- the tree ----------------------------------------------------------
 
@@ -226,11 +211,17 @@ class App:
                 f"{NO_CA}: probes go unauthenticated "
                 "(give --ca-file, --kubeconfig, or run in a pod with a ServiceAccount)"
             )
+        with self.changes.subscribe(self.log_change):
+            await self._run_tree(task_status)
+        logger.info("kap stopped")
+
+    async def _run_tree(self, task_status: trio.TaskStatus[Bound]) -> None:
+        c = self.config
         async with trio.open_nursery() as root:
             root.start_soon(self._signals)
             await root.start(self.relay.run)
             health = await root.start(self.health.run)
-            self.load_static_sources()
+            await root.start(self.membership.run)
             if not self.pool and c.default_service is None:
                 # Valid flags with nothing to balance: say what to give, keep serving.
                 logger.error(
@@ -239,7 +230,7 @@ class App:
                     "(KUBERNETES_SERVICE_HOST/PORT) with discovery; kap keeps running"
                 )
             await root.start(self.probes.run)
-            root.start_soon(self._housekeeping)
+            await root.start(self._housekeeping)
             if self.discovery is not None:
                 await root.start(self.discovery.run)
             self._root = root
@@ -266,7 +257,6 @@ class App:
                 discovery=self.discovery is not None,
             ).info("kap started")
             task_status.started(bound)
-        logger.info("kap stopped")
 
     _root: trio.Nursery | None = attrs.field(default=None, init=False)
 
@@ -294,26 +284,26 @@ class App:
         """Stop accepting; give open connections ``grace`` seconds; then exit."""
         self.proxy.stop_accepting(grace)
 
-    async def _housekeeping(self) -> None:
+    async def _housekeeping(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Drains (removed upstreams at once, dead ones as the pool says), trims, problems."""
         draining: set[Address] = set()
         trim = TrimPolicy()
+
+        def drain_removed(change: Change) -> None:
+            nursery.start_soon(self._drain, change.address, DRAIN_SPREAD, draining)
+
         async with trio.open_nursery() as nursery:
-            while True:
-                await trio.sleep(HOUSEKEEPING_PERIOD)
-                now = trio.current_time()
-                if trim.observe(self.proxy.active, self.proxy.stats.accepted_total):
-                    release_free_memory()
-                gone = self.pool.expire(now)
-                for up in gone:
-                    logger.bind(upstream=str(up.address)).info("upstream removed")
-                    nursery.start_soon(self._drain, up.address, DRAIN_SPREAD, draining)
-                if gone:
-                    self.probes.sync()
-                self._log_problems(current_problems(self.pool, self.counters, now, time.time()))
-                # Drain only when there is somewhere better to go: with every
-                # upstream down, the connections kap holds are the best it has.
-                if self.config.drain_after > 0 and self.pool.usable():
-                    for up in self.pool.unhealthy_for(now, self.config.drain_after):
+            with self.changes.subscribe(drain_removed, ChangeKind.REMOVED):
+                task_status.started()
+                while True:
+                    await trio.sleep(HOUSEKEEPING_PERIOD)
+                    now = trio.current_time()
+                    if trim.observe(self.proxy.active, self.proxy.stats.accepted_total):
+                        release_free_memory()
+                    self._log_problems(current_problems(self.pool, self.counters, now, time.time()))
+                    for up in self.pool.to_drain(now, after=self.config.drain_after):
                         if up.address not in draining:
                             logger.bind(upstream=str(up.address)).warning(
                                 "closing the connections of an unhealthy upstream",
@@ -337,10 +327,3 @@ class App:
             await self.proxy.close_connections(address, spread=spread)
         finally:
             draining.discard(address)
-
-
-def _is_empty_file(path: str) -> bool:
-    try:
-        return os.stat(path).st_size == 0
-    except OSError:
-        return False

@@ -4,6 +4,18 @@ The standard library's ``ssl`` loads certificates into a context but parses
 none of a file's fields, so ``kap check`` reads them with ``cryptography``:
 the operator wants to see which identity kap presents (its subject, which
 RBAC binds) and how long it has left, before pointing the kubelet at kap.
+
+A running kap reads the same files when it loads them into its TLS context
+(``kap.credentials``), for ``kap_client_certificate_expiry_timestamp_seconds``,
+``kap_ca_certificate_expiry_timestamp_seconds`` and ``/upstreams``' problems:
+a static pod's client certificate lasts a year, and once it has expired the
+apiservers refuse it and discovery stops without a sound. There an unreadable
+or unparsable file is an unknown expiry (None), never a failure: kap's TLS
+loading decides whether a file is usable.
+
+``cryptography`` is imported on the first parse (39 ms of imports,
+``python -X importtime -c 'import cryptography.x509'``, kept out of start-up;
+kap builds its TLS context at the first probe).
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ class CertInfo:
     issuer: str
     not_after_unix: float
     count: int  # certificates in the file
+    earliest_not_after_unix: float  # of any certificate in the file (a CA bundle's first to expire)
 
     def days_left(self, now_unix: float) -> float:
         return (self.not_after_unix - now_unix) / 86400.0
@@ -53,4 +66,21 @@ def read_certificate(path: str) -> CertInfo:
         issuer=first.issuer.rfc4514_string(),
         not_after_unix=first.not_valid_after_utc.timestamp(),
         count=len(certs),
+        earliest_not_after_unix=min(c.not_valid_after_utc.timestamp() for c in certs),
     )
+
+
+def leaf_not_after(path: str) -> float | None:
+    """When the first certificate in ``path`` (the one presented) expires; None if unknown."""
+    try:
+        return read_certificate(path).not_after_unix
+    except (OSError, CertificateError):
+        return None
+
+
+def earliest_not_after(path: str) -> float | None:
+    """When the first certificate of the bundle in ``path`` to expire does; None if unknown."""
+    try:
+        return read_certificate(path).earliest_not_after_unix
+    except (OSError, CertificateError):
+        return None

@@ -34,6 +34,7 @@ import ssl
 import attrs
 from loguru import logger
 
+from kap.certinfo import earliest_not_after, leaf_not_after
 from kap.sources import Credentials
 
 # A token file larger than this is not a token (bound tokens are about 1 KiB).
@@ -172,6 +173,11 @@ class CredentialFiles:
     _token: str | None = attrs.field(default=None, alias="_token")
     _token_stamp: object = attrs.field(default=None, alias="_token_stamp")
     generation: int = 0  # bumped whenever the TLS context is rebuilt
+    # Unix times the certificates in the current context expire (kap.certinfo):
+    # the client certificate presented (None: none presented, or unknown) and
+    # the earliest of the CA bundle (None: no CA loaded). Set with the context.
+    client_cert_not_after: float | None = None
+    ca_not_after: float | None = None
 
     @property
     def verifies(self) -> bool:
@@ -208,7 +214,10 @@ class CredentialFiles:
             return self._context  # type: ignore[return-value]  # set by _not_loaded
         if self._context is not None:
             logger.bind(generation=self.generation + 1).info("TLS credentials reloaded")
-        self._use(ctx, probe_ctx, complete=True)
+        # As build_ssl_context: the client certificate only with a CA, and with its key.
+        presents_cert = f.ca_file is not None and f.key_file is not None
+        cert = f.cert_file if presents_cert else None
+        self._use(ctx, probe_ctx, complete=True, ca=f.ca_file, cert=cert)
         return ctx
 
     def probe_ssl_context(self) -> ssl.SSLContext:
@@ -217,9 +226,20 @@ class CredentialFiles:
         assert self._probe_context is not None  # set with _context
         return self._probe_context
 
-    def _use(self, ctx: ssl.SSLContext, probe_ctx: ssl.SSLContext, *, complete: bool) -> None:
+    def _use(
+        self,
+        ctx: ssl.SSLContext,
+        probe_ctx: ssl.SSLContext,
+        *,
+        complete: bool,
+        ca: str | None,
+        cert: str | None,
+    ) -> None:
+        """Put the contexts in use, built from the CA file ``ca`` and client cert ``cert``."""
         self._context, self._probe_context, self._complete = ctx, probe_ctx, complete
         self.generation += 1
+        self.ca_not_after = None if ca is None else earliest_not_after(ca)
+        self.client_cert_not_after = None if cert is None else leaf_not_after(cert)
 
     def _not_loaded(self, e: BaseException) -> None:
         """A file failed: keep the last good context, else the strongest stand-in."""
@@ -234,6 +254,7 @@ class CredentialFiles:
             probe_ctx = verifying_context(self.files.ca_file, PROBE_ALPN)
         except _LOAD_ERRORS:
             ca_loads = False
+        ca = self.files.ca_file if ca_loads else None
         if ca_loads:
             log.error("cannot load the client certificate; kap goes without it until it loads")
         elif self._context is not None:
@@ -243,7 +264,7 @@ class CredentialFiles:
             ctx = verifying_context(None)
             probe_ctx = verifying_context(None, PROBE_ALPN)
             log.error("cannot load the CA file; no apiserver verifies until it can be loaded")
-        self._use(ctx, probe_ctx, complete=False)
+        self._use(ctx, probe_ctx, complete=False, ca=ca, cert=None)
 
     def token(self) -> str | None:
         """The bearer token, re-read when the file changes; None when there is none."""

@@ -5,8 +5,9 @@
 reflector does (``kap.reflector``: lists from the watch cache, one
 long-lived watch with bookmarks, ``--discover-period`` as the poll interval
 only when no watch can be kept). Each time the union of ready addresses
-changes it calls ``on_update`` (the app puts the set into the pool as source
-``discovery`` and rewrites the fallback file).
+changes it calls ``on_update`` (the app sends the set on a channel to
+``kap.membership``, which puts it into the pool as source ``discovery`` and
+rewrites the fallback file).
 
 The rooms: ``kap.apiclient`` adapts lightkube (client, requests, tolerant
 resource type, one-line errors); ``kap.reflector`` lists and watches;
@@ -60,6 +61,7 @@ from kap.address import Address
 from kap.apiclient import RawEndpointSlice
 from kap.config import Config
 from kap.credentials import NO_CA, CredentialFiles
+from kap.events import Change, ChangeFeed, ChangeKind
 from kap.kubeconfig import KubeconfigCredentials
 from kap.pool import Pool
 from kap.reflector import (
@@ -98,6 +100,7 @@ class EndpointSliceWatcher:
       error_log_interval: see the constant above; watch_timeout, stall_limit,
         backoff_initial, backoff_cap, list_timeout_floor,
         quiet_watches_before_polling: see ``kap.reflector``.
+      changes: the pool's change feed (a usable upstream ends a stay on the Service).
     """
 
     pool: Pool
@@ -118,6 +121,7 @@ class EndpointSliceWatcher:
     quiet_watches_before_polling: int = QUIET_WATCHES_BEFORE_POLLING
     namespace: str = NAMESPACE
     service: str = SERVICE
+    changes: ChangeFeed = attrs.field(factory=ChangeFeed)
     # -- state, shown by status() --
     last_success_unix: float | None = None
     last_error: str | None = None
@@ -132,7 +136,6 @@ class EndpointSliceWatcher:
     _error_logged_at: float | None = attrs.field(default=None, alias="_error_logged_at")
     _errors_unlogged: int = attrs.field(default=0, alias="_errors_unlogged")
     _asking_service: bool = attrs.field(default=False, alias="_asking_service")
-    _usable_changed: trio.Event = attrs.field(factory=trio.Event, alias="_usable_changed")
 
     @classmethod
     def from_config(
@@ -142,6 +145,7 @@ class EndpointSliceWatcher:
         pool: Pool,
         credentials: CredentialFiles,
         on_update: Callable[[list[Address]], None],
+        changes: ChangeFeed,
         rng: random.Random,
     ) -> EndpointSliceWatcher:
         """The watcher for ``config``, with the credentials the probes use too.
@@ -158,6 +162,7 @@ class EndpointSliceWatcher:
             on_update=on_update,
             rng=rng,
             seed=config.kubeconfig_seed,
+            changes=changes,
         )
 
     def __attrs_post_init__(self) -> None:
@@ -309,19 +314,18 @@ class EndpointSliceWatcher:
             if failed is not None:
                 raise failed
 
-    def usable_changed(self) -> None:
-        """An upstream turned usable or unusable (the app passes on the pool's changes).
-
-        Ends a stay on the default Service, or on an upstream no longer
-        usable, at once, not when the watch ends.
-        """
-        self._usable_changed.set()
-
     async def _leave_when_asked(self, target: Address, session: trio.CancelScope) -> None:
+        """Ends a stay on the default Service, or on an upstream no longer usable, at once.
+
+        Woken by the pool's ``HEALTHY``, ``UNHEALTHY`` and ``REMOVED`` changes,
+        not when the watch ends.
+        """
         service = target not in self.pool
+        kinds = (ChangeKind.HEALTHY, ChangeKind.UNHEALTHY, ChangeKind.REMOVED)
         while not (self.pool.usable() if service else self._should_leave(target)):
-            self._usable_changed = trio.Event()
-            await self._usable_changed.wait()
+            changed = trio.Event()
+            with self.changes.subscribe(_setter(changed), *kinds):
+                await changed.wait()
         if service:
             logger.bind(service=str(target)).info(
                 "discovery leaves the kubernetes Service: a discovered apiserver is usable"
@@ -378,6 +382,10 @@ class EndpointSliceWatcher:
             self._errors_unlogged = 0
         else:
             self._errors_unlogged += 1
+
+
+def _setter(event: trio.Event) -> Callable[[Change], None]:
+    return lambda _: event.set()
 
 
 __all__ = ["DiscoveryError", "EndpointSliceWatcher", "RawEndpointSlice", "backoff_delay"]

@@ -4,15 +4,18 @@ It is kap's memory across restarts: a node that reboots while the API is
 unreachable still knows every apiserver. The seed's static pod mounts the file
 itself as a hostPath (``FileOrCreate``), so it cannot be replaced by rename
 (EBUSY on a bind-mounted file): kap rewrites it in place (truncate, write,
-fsync). A reader can therefore see an empty or half-written file (and an
-operator can break it by hand): parsing is tolerant, bad items are skipped
-and a broken file is logged and ignored, never fatal.
+fsync), in a worker thread (``save``). A reader can therefore see an empty
+or half-written file (and an operator can break it by hand): parsing is
+tolerant, bad items are skipped and a broken file is logged and ignored,
+never fatal.
 """
 
 from __future__ import annotations
 
 import json
 import os
+
+import trio
 
 from kap.address import Address, AddressError
 
@@ -108,3 +111,12 @@ def write_in_place(path: str, addresses: list[Address]) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+async def save(path: str, addresses: list[Address]) -> bool:
+    """``write_in_place`` in a worker thread: the fsync of a busy disk must not stall the loop.
+
+    Cancellation: not abandoned; a write that has begun finishes (a
+    half-written file is what ``read`` tolerates, but no reason to make one).
+    """
+    return await trio.to_thread.run_sync(write_in_place, path, addresses)

@@ -34,6 +34,8 @@ SEND_DEADLINE = 5.0
 LINGER_BYTES = 64 * 1024
 
 Handler = Callable[[], tuple[str, bytes]]
+# What ends one connection and nothing else: a client that left, or bytes that are not HTTP/1.1.
+CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError)
 
 
 @attrs.define
@@ -43,6 +45,12 @@ class HealthServer:
     host: str
     port: int
     routes: Mapping[str, Handler]
+    request_deadline: float = REQUEST_DEADLINE
+    max_connections: int = MAX_CONNECTIONS
+    # Connections that ended on an error (a client that left mid-request, or
+    # spoke something that is not HTTP/1.1): counted, only that connection ends.
+    connection_errors_total: int = 0
+    accepted_total: int = 0
     _active: int = attrs.field(default=0, alias="_active")
     # Connections waiting for a request head, oldest first: the eviction order.
     _waiting: dict[int, trio.CancelScope] = attrs.field(factory=dict, alias="_waiting")
@@ -61,15 +69,27 @@ class HealthServer:
             task_status.started(bound)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
+    @property
+    def open_connections(self) -> int:
+        return self._active
+
     async def _handle(self, stream: trio.SocketStream) -> None:
-        if self._active >= MAX_CONNECTIONS and self._waiting:
+        if self._active >= self.max_connections and self._waiting:
             oldest = next(iter(self._waiting))
             self._waiting.pop(oldest).cancel()
         self._active += 1
+        self.accepted_total += 1
         try:
             await self._serve(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
-            pass  # the client went away or spoke nonsense: only its connection ends
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            h11.ProtocolError,
+            OSError,
+        ) as e:
+            # The client went away or spoke nonsense: only its connection ends.
+            self.connection_errors_total += 1
+            logger.debug("health connection ended on an error", error=repr(e))
         finally:
             self._active -= 1
             with trio.move_on_after(0.1) as scope:
@@ -81,7 +101,7 @@ class HealthServer:
         key = id(stream)
         while True:
             request = None
-            with trio.move_on_after(REQUEST_DEADLINE) as scope:
+            with trio.move_on_after(self.request_deadline) as scope:
                 self._waiting[key] = scope
                 try:
                     request = await self._next_request(stream, conn)

@@ -17,8 +17,11 @@ calls, decisions go out as return values. The rules, which the tests hold it to:
   it, so one transient error costs milliseconds, not a score cycle.
 * Damping: an upstream that turns unusable again soon after it last did is
   held down: its recovery waits ``hold`` seconds, doubling with each flap
-  inside ``FLAP_WINDOW`` (see ``hold_down``). A flapping apiserver makes a
-  few transitions a minute, not sixty.
+  inside ``FLAP_WINDOW`` (``kap.upstream.hold_down``). A flapping apiserver
+  makes a few transitions a minute, not sixty.
+* Fast confirmation: a failed probe of an upstream still usable by its score
+  is confirmed after a quarter interval (HAProxy's fastinter), so a hung
+  apiserver leaves rotation in about one interval, not four.
 * Tier: from the latency of the last successful probe, on decade thresholds
   100us, 1ms, 10ms, 100ms, 1s (tiers 0..5). Unlike go-loadbalancer, a tier
   only changes once the latency is clearly past a boundary (``HYSTERESIS``),
@@ -37,56 +40,26 @@ calls, decisions go out as return values. The rules, which the tests hold it to:
   an apiserver briefly missing from an EndpointSlice keeps its connections;
   an empty update from a source is ignored, so a bad discovery result never
   empties the pool.
+* Drain: the clients of an upstream unreachable for ``--drain-after`` are
+  closed, unless it answers (a /readyz 500 while it shuts down: it closes its
+  own) or nothing else is usable (then they are the best kap has).
+
+Changes come back as ``kap.events.Change``; counters live in ``kap.stats``.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable
 
 import attrs
 
 from kap.address import Address
-
-SCORE_MIN = -3  # go-loadbalancer upstream.List defaults (peers.md b)
-SCORE_MAX = 3
-SCORE_INITIAL = 1
-
-# Lower bounds of tiers 1..5 in seconds: go-loadbalancer's calcTier decades.
-TIER_THRESHOLDS = (100e-6, 1e-3, 10e-3, 100e-3, 1.0)
-MAX_TIER = len(TIER_THRESHOLDS)
-# A tier boundary must be passed by this factor before the tier changes: 1.5
-# keeps a 0.9-1.1 ms jitter around the 1 ms boundary in one tier while a real
-# 10x change still moves at once.
-HYSTERESIS = 1.5
-
-# Flap damping: a second fall within FLAP_WINDOW holds the upstream down for
-# HOLD_BASE seconds, each further one doubles it, up to HOLD_MAX. A real
-# apiserver restart falls once and is back as soon as its probes pass; a
-# rolling upgrade restarts each apiserver once, minutes apart.
-FLAP_WINDOW = 300.0
-HOLD_BASE = 10.0
-HOLD_MAX = 120.0
-
-# Buckets of kap_upstream_probe_duration_seconds: the tier boundaries and the
-# steps between them, up to the largest sensible --health-timeout.
-PROBE_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
+from kap.events import Change as Change  # re-exported: the proxy's import
+from kap.events import ChangeKind
+from kap.upstream import FLAP_WINDOW, TIER_THRESHOLDS, fast_delay, hold_down, next_tier
+from kap.upstream import SCORE_MAX as SCORE_MAX  # re-exported, as the next two
+from kap.upstream import SCORE_MIN as SCORE_MIN
+from kap.upstream import Upstream as Upstream
 
 # Source names, as /upstreams shows them.
 SOURCE_FLAG = "flag"
@@ -95,98 +68,15 @@ SOURCE_DISCOVERY = "discovery"
 SOURCE_KUBECONFIG = "kubeconfig"
 
 
-def hold_down(recent_falls: int) -> float:
-    """Seconds an upstream's recovery waits after its ``recent_falls``-th fall in the window."""
-    if recent_falls <= 1:
-        return 0.0
-    return min(HOLD_MAX, HOLD_BASE * 2.0 ** (recent_falls - 2))
-
-
-def raw_tier(latency: float) -> int:
-    """The decade tier of a latency, without hysteresis."""
-    return bisect.bisect_right(TIER_THRESHOLDS, latency)
-
-
-def next_tier(current: int | None, latency: float) -> int:
-    """The tier after a successful probe of ``latency`` seconds.
-
-    Moving up needs the latency to be ``HYSTERESIS`` times past the boundary,
-    moving down needs it ``HYSTERESIS`` times under it; in between the tier
-    stays. The first measurement sets the raw tier.
-    """
-    if current is None:
-        return raw_tier(latency)
-    up = bisect.bisect_right(TIER_THRESHOLDS, latency / HYSTERESIS)
-    down = bisect.bisect_right(TIER_THRESHOLDS, latency * HYSTERESIS)
-    if up > current:
-        return up
-    if down < current:
-        return down
-    return current
-
-
-@attrs.frozen
-class Change:
-    """Something about an upstream an operator wants in the log."""
-
-    address: Address
-    kind: str  # "healthy" | "unhealthy" | "tier" | "added" | "removed" | "removing" | "kept"
-    reason: str
-
-
-@attrs.define(eq=False)
-class Upstream:
-    """Everything kap knows about one apiserver address."""
-
-    address: Address
-    sources: set[str] = attrs.field(factory=set)
-    score: int = SCORE_INITIAL
-    tier: int | None = None
-    probed_ok: bool = False
-    latency: float | None = None
-    last_error: str | None = None
-    auth_refused: bool = False
-    # The last failure was an HTTP answer (a /readyz 500 of an apiserver that is
-    # shutting down): it is alive and closes its own connections, so kap does
-    # not drain them. Timeouts and connection errors leave this False.
-    failing_answered: bool = False
-    last_probe_at: float | None = None
-    suspect: bool = False
-    held_until: float | None = None
-    falls: list[float] = attrs.field(factory=list)  # times of recent falls, for damping
-    transitions_total: int = 0
-    unhealthy_since: float | None = None
-    remove_at: float | None = None
-    active_connections: int = 0
-    connections_total: int = 0
-    dial_failures_total: int = 0
-    probes_total: int = 0
-    probe_failures_total: int = 0
-    probe_buckets: list[int] = attrs.field(factory=lambda: [0] * len(PROBE_BUCKETS))
-    probe_sum: float = 0.0
-    probe_count: int = 0
-    order: int = 0  # insertion order: round-robin and report order
-
-    @property
-    def usable(self) -> bool:
-        return self.probed_ok and self.score >= 0 and not self.suspect and self.held_until is None
-
-    def observe_probe_duration(self, seconds: float) -> None:
-        i = bisect.bisect_left(PROBE_BUCKETS, seconds)
-        if i < len(self.probe_buckets):
-            self.probe_buckets[i] += 1
-        self.probe_sum += seconds
-        self.probe_count += 1
-
-
 @attrs.define
 class Pool:
     """The upstream set and the selection among it."""
 
     removal_grace: float = 30.0
     default_service: Address | None = None
+    tier_thresholds: tuple[float, ...] = TIER_THRESHOLDS
     _members: dict[Address, Upstream] = attrs.field(factory=dict, alias="_members")
-    _cursors: dict[int, int] = attrs.field(factory=dict, alias="_cursors")
+    _cursors: dict[tuple[bool, int], int] = attrs.field(factory=dict, alias="_cursors")
     _next_order: int = attrs.field(default=0, alias="_next_order")
 
     # ---- reading (no side effects) ----------------------------------------
@@ -208,7 +98,7 @@ class Pool:
         """Usable upstreams, best tier first, in insertion order within a tier."""
         return sorted(
             (u for u in self._members.values() if u.usable),
-            key=lambda u: (u.tier if u.tier is not None else MAX_TIER, u.order),
+            key=lambda u: (u.tier_key, u.order),
         )
 
     def best_tier(self) -> int | None:
@@ -226,8 +116,7 @@ class Pool:
         usable = self.usable()
         if not usable:
             return []
-        tier = usable[0].tier if usable[0].tier is not None else MAX_TIER
-        group = [u for u in usable if (u.tier if u.tier is not None else MAX_TIER) == tier]
+        group = [u for u in usable if u.tier_key == usable[0].tier_key]
         top = max(u.score for u in group)
         return [u for u in group if u.score == top]
 
@@ -257,7 +146,7 @@ class Pool:
         group = self.best()
         if not group:
             return None
-        tier = group[0].tier if group[0].tier is not None else MAX_TIER
+        tier = group[0].tier_key
         cursor = self._cursors.get(tier, 0)
         self._cursors[tier] = cursor + 1
         return group[cursor % len(group)]
@@ -301,10 +190,7 @@ class Pool:
         if up is None:  # removed while the probe was in flight
             return []
         was_usable, old_tier = up.usable, up.tier
-        up.probes_total += 1
-        up.last_probe_at = now
-        if duration is not None:
-            up.observe_probe_duration(duration)
+        up.stats.probed(ok=ok, duration=duration)
         changes: list[Change] = []
         if ok:
             up.score = min(SCORE_MAX, up.score + 1)
@@ -314,13 +200,12 @@ class Pool:
                 up.held_until = None
             up.last_error = error if auth_refused else None
             if auth_refused and not up.auth_refused:
-                changes.append(Change(address, "auth", error or "credentials refused"))
+                changes.append(Change(address, ChangeKind.AUTH, error or "credentials refused"))
             up.auth_refused = auth_refused
             if latency is not None:
                 up.latency = latency
-                up.tier = next_tier(up.tier, latency)
+                up.tier = next_tier(up.tier, latency, self.tier_thresholds)
         else:
-            up.probe_failures_total += 1
             up.failing_answered = answered
             up.score = max(SCORE_MIN, up.score - 1)
             up.last_error = error or "probe failed"
@@ -329,9 +214,6 @@ class Pool:
 
     def record_dial_failure(self, address: Address, *, now: float, error: str) -> list[Change]:
         """Passive health: a client's dial to this upstream failed."""
-        up = self._members.get(address)
-        if up is None:
-            return []
         return self.record_passive_failure(
             address, now=now, error=f"dial failed: {error}", dial=True
         )
@@ -349,13 +231,13 @@ class Pool:
             return []
         was_usable, old_tier = up.usable, up.tier
         if dial:
-            up.dial_failures_total += 1
+            up.stats.dial_failures_total += 1
         up.failing_answered = False
         up.score = max(SCORE_MIN, up.score - 1)
         up.suspect = True
         up.last_error = error
         out = self._after(up, was_usable, old_tier, now, error)
-        out.append(Change(address, "suspect", error))
+        out.append(Change(address, ChangeKind.SUSPECT, error))
         return out
 
     def _after(
@@ -364,27 +246,27 @@ class Pool:
         out: list[Change] = []
         if up.usable and not was_usable:
             up.unhealthy_since = None
-            up.transitions_total += 1
-            out.append(Change(up.address, "healthy", f"score {up.score}"))
+            up.stats.transitions_total += 1
+            out.append(Change(up.address, ChangeKind.HEALTHY, f"score {up.score}"))
         elif was_usable and not up.usable:
             up.unhealthy_since = now
-            up.transitions_total += 1
+            up.stats.transitions_total += 1
             up.falls = [t for t in up.falls if now - t < FLAP_WINDOW] + [now]
             hold = hold_down(len(up.falls))
             if hold > 0:
                 up.held_until = now + hold
                 why = f"{why}; fall {len(up.falls)} in {FLAP_WINDOW:g}s, held down {hold:g}s"
-            out.append(Change(up.address, "unhealthy", f"{why} (score {up.score})"))
+            out.append(Change(up.address, ChangeKind.UNHEALTHY, f"{why} (score {up.score})"))
         elif not up.usable and up.unhealthy_since is None:
             # A new upstream whose first probes fail: not a transition (it was
             # never healthy; apiservers and kap often start together). The
-            # prober warns once if it stays so (kind "never-healthy").
+            # prober warns once if it stays so (NEVER_HEALTHY).
             up.unhealthy_since = now
         if old_tier is not None and up.tier != old_tier:
             out.append(
                 Change(
                     up.address,
-                    "tier",
+                    ChangeKind.TIER,
                     f"tier {old_tier} -> {up.tier} (latency {(up.latency or 0) * 1e3:.3f} ms)",
                 )
             )
@@ -394,23 +276,49 @@ class Pool:
         up = self._members.get(address)
         if up is not None:
             up.active_connections += 1
-            up.connections_total += 1
+            up.stats.connections_total += 1
 
     def connection_closed(self, address: Address) -> None:
         up = self._members.get(address)
         if up is not None and up.active_connections > 0:
             up.active_connections -= 1
 
-    def unhealthy_for(self, now: float, at_least: float) -> list[Upstream]:
-        """Unreachable (not merely not-ready) for ``at_least`` seconds, and still with clients."""
+    # ---- policies: pure, their thresholds come in as arguments -------------
+
+    def to_drain(self, now: float, *, after: float) -> list[Upstream]:
+        """Upstreams whose clients are to be closed now (Drain, above); ``after <= 0``: none."""
+        if after <= 0 or not self.usable():
+            return []
         return [
             u
             for u in self._members.values()
             if u.unhealthy_since is not None
             and not u.failing_answered
-            and now - u.unhealthy_since >= at_least
+            and now - u.unhealthy_since >= after
             and u.active_connections > 0
         ]
+
+    def confirm_delay(
+        self,
+        address: Address,
+        *,
+        failed: bool,
+        waited: bool = False,
+        inconclusive: bool = False,
+        interval: float,
+        timeout: float,
+    ) -> float | None:
+        """Seconds to the next probe when it comes early (Fast confirmation, above), else None.
+
+        ``waited``: the failed probe's connection did not open in its budget
+        (the next comes at once); ``inconclusive``: kap was too busy to tell.
+        """
+        if inconclusive:
+            return fast_delay(interval, timeout)
+        up = self._members.get(address)
+        if not failed or up is None or not up.probed_ok or up.score < 0:
+            return None
+        return 0.0 if waited else fast_delay(interval, timeout)
 
     # ---- membership --------------------------------------------------------
 
@@ -426,15 +334,12 @@ class Pool:
         """
         wanted = list(dict.fromkeys(addresses))
         if not wanted and not allow_empty:
-            return (
-                []
-                if not any(source in u.sources for u in self._members.values())
-                else [
-                    Change(u.address, "kept", f"empty {source} update ignored")
-                    for u in self._members.values()
-                    if source in u.sources
-                ]
-            )
+            why = f"empty {source} update ignored"
+            return [
+                Change(u.address, ChangeKind.KEPT, why)
+                for u in self.upstreams
+                if source in u.sources
+            ]
         changes: list[Change] = []
         for addr in wanted:
             up = self._members.get(addr)
@@ -442,10 +347,12 @@ class Pool:
                 up = Upstream(addr, order=self._next_order)
                 self._next_order += 1
                 self._members[addr] = up
-                changes.append(Change(addr, "added", f"from {source}"))
+                changes.append(Change(addr, ChangeKind.ADDED, f"from {source}"))
             elif up.remove_at is not None:
                 up.remove_at = None
-                changes.append(Change(addr, "kept", f"back in {source}, removal cancelled"))
+                changes.append(
+                    Change(addr, ChangeKind.KEPT, f"back in {source}, removal cancelled")
+                )
             up.sources.add(source)
         keep = set(wanted)
         for up in self._members.values():
@@ -453,22 +360,18 @@ class Pool:
                 up.sources.discard(source)
                 if not up.sources and up.remove_at is None:
                     up.remove_at = now + self.removal_grace
-                    changes.append(
-                        Change(
-                            up.address,
-                            "removing",
-                            f"gone from {source}; removed in "
-                            f"{self.removal_grace:g}s unless it returns",
-                        )
+                    why = (
+                        f"gone from {source}; removed in {self.removal_grace:g}s unless it returns"
                     )
+                    changes.append(Change(up.address, ChangeKind.REMOVING, why))
         return changes
 
-    def expire(self, now: float) -> list[Upstream]:
-        """Remove upstreams whose removal grace has passed; return them (to close their clients)."""
+    def expire(self, now: float) -> list[Change]:
+        """Remove upstreams whose removal grace has passed (``REMOVED``: drain their clients)."""
         gone = [u for u in self._members.values() if u.remove_at is not None and u.remove_at <= now]
         for u in gone:
             del self._members[u.address]
-        return gone
+        return [Change(u.address, ChangeKind.REMOVED, "removal grace over") for u in gone]
 
     def next_expiry(self) -> float | None:
         times = [u.remove_at for u in self._members.values() if u.remove_at is not None]

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import random
 import ssl
-from collections.abc import Callable
 
 import attrs
 import h11
@@ -48,9 +47,11 @@ from loguru import logger
 
 from kap.address import Address
 from kap.credentials import CredentialFiles
-from kap.pool import Change, Pool
+from kap.events import MEMBERSHIP, Change, ChangeFeed, ChangeKind
+from kap.pool import Pool
 from kap.probe_connection import Http11Connection, ProbeProtocolError, open_tls
 from kap.probe_h2 import ALPN_H2, GoAway, Http2Connection
+from kap.probe_results import classify, classify_ping
 
 READYZ_PATH = "/readyz"
 # 401/403: the apiserver answered, so it is alive; only kap's credentials are
@@ -144,6 +145,8 @@ class ProbeResult:
     auth_refused: bool = False
     inconclusive: bool = False  # kap itself was too busy to tell; not recorded
     open_timed_out: bool = False  # the connection did not open within the open budget
+    timed_out: bool = False  # either step ran out of time
+    presented_none: bool = False  # kap sent no credentials on purpose (kap.probe_results)
     ping_missed: bool = False  # a PING got no ack within the timeout
     # GOAWAY(NO_ERROR) before the answer: an apiserver closing the connection
     # on purpose; not recorded, the check is repeated at once on a new one.
@@ -270,6 +273,7 @@ class Prober:
                 latency=latency,
                 duration=duration,
                 auth_refused=True,
+                presented_none=not self.credentials.authenticated,
                 error=f"HTTP {status}: kap's credentials are refused",
             )
         body = " ".join(answer.body.decode("utf-8", "replace").split())[:120]
@@ -333,14 +337,18 @@ class Prober:
 
 @attrs.define
 class ProbeScheduler:
-    """Owns one probing task per upstream; ``sync()`` follows the pool's membership."""
+    """Owns one probing task per upstream; publishes what the probes change (and NEVER_HEALTHY).
+
+    Subscribes to ``ADDED``/``REMOVED`` (start, stop probe tasks) and ``SUSPECT``
+    (a client's dial just failed: probe that upstream now).
+    """
 
     pool: Pool
     prober: Prober
     interval: float
     timeout: float
     jitter: float
-    on_changes: Callable[[list[Change]], None]
+    changes: ChangeFeed
     rng: random.Random = attrs.field(factory=random.Random)
     # Seconds between two /readyz of an upstream whose probe connection speaks
     # HTTP/2; the checks in between are PINGs (None: every check is a /readyz).
@@ -358,11 +366,18 @@ class ProbeScheduler:
             self.sync()
             task_status.started()
             try:
-                await trio.sleep_forever()
+                with self.changes.subscribe(self._on_change, *MEMBERSHIP, ChangeKind.SUSPECT):
+                    await trio.sleep_forever()
             finally:
                 self._nursery = None
                 with trio.CancelScope(shield=True):
                     await self.prober.aclose()
+
+    def _on_change(self, change: Change) -> None:
+        if change.kind is ChangeKind.SUSPECT:
+            self.poke(change.address)
+        else:
+            self.sync()
 
     def sync(self) -> None:
         """Start probing new upstreams, stop probing removed ones."""
@@ -389,42 +404,39 @@ class ProbeScheduler:
             while True:
                 result = await self.check_once(address, may_retry=not retried)
                 retried = result.retry
-                up = self.pool.get(address)
-                if not warned and up is not None and not up.probed_ok:
-                    waited = trio.current_time() - added
-                    if waited >= NEVER_HEALTHY_INTERVALS * self.interval:
-                        warned = True
-                        why = f"not healthy {waited:.0f}s after it was added: {up.last_error}"
-                        self.on_changes([Change(address, "never-healthy", why)])
-                if result.retry or result.ping_missed:
-                    delay = 0.0  # a new connection, or the wait for the ack was the pause
-                elif result.inconclusive or (
-                    not result.ok and up is not None and up.score >= 0 and up.probed_ok
-                ):
-                    # On its way down: confirm quickly (HAProxy's fastinter), so
-                    # a hung apiserver leaves rotation within about interval +
-                    # timeout + fast delay + 3 x open budget, not 4 intervals.
-                    # After a connection that did not open in its budget, at
-                    # once: waiting for it was the pause.
-                    delay = 0.0 if result.open_timed_out else self.fast_delay
-                else:
-                    delay = next_delay(self.interval, self.jitter, self.rng.uniform(-1, 1))
-                with trio.move_on_after(delay) as nap:
+                waited = trio.current_time() - added
+                warned = warned or self._warn_never_healthy(address, waited)
+                with trio.move_on_after(self._next_delay(address, result)) as nap:
                     self._naps[address] = nap
                     await self.prober.idle(address)
                     # The connection ended (GOAWAY, or closed): /readyz at once.
                     self._readyz_due.add(address)
                 self._naps.pop(address, None)
 
-    @property
-    def fast_delay(self) -> float:
-        """Pause between confirming probes of a failing upstream."""
-        return min(self.interval / 4, self.timeout)
+    def _next_delay(self, address: Address, result: ProbeResult) -> float:
+        """Seconds to the next check: soon when kap was busy or a failure wants confirming."""
+        if result.retry or result.ping_missed:
+            return 0.0  # a new connection, or the wait for the ack was the pause
+        soon = self.pool.confirm_delay(
+            address,
+            failed=not result.ok,
+            waited=result.open_timed_out,
+            inconclusive=result.inconclusive,
+            interval=self.interval,
+            timeout=self.timeout,
+        )
+        if soon is not None:
+            return soon
+        return next_delay(self.interval, self.jitter, self.rng.uniform(-1, 1))
 
-    @property
-    def open_budget(self) -> float:
-        """Seconds a probe may spend opening its connection: see ``open_budget()``."""
-        return open_budget(self.interval, self.timeout)
+    def _warn_never_healthy(self, address: Address, waited: float) -> bool:
+        """Publish ``NEVER_HEALTHY`` once a new upstream has failed for long; True once done."""
+        up = self.pool.get(address)
+        if up is None or up.probed_ok or waited < NEVER_HEALTHY_INTERVALS * self.interval:
+            return up is not None and up.probed_ok
+        why = f"not healthy {waited:.0f}s after it was added: {up.last_error}"
+        self.changes.publish([Change(address, ChangeKind.NEVER_HEALTHY, why)])
+        return True
 
     def poke(self, address: Address) -> None:
         """``/readyz`` of ``address`` now (a client's dial to it just failed): wakes its task."""
@@ -482,12 +494,13 @@ class ProbeScheduler:
         start = trio.current_time()
         result: ProbeResult | None = None
         opened = False
-        open_deadline = start + self.open_budget
+        budget = open_budget(self.interval, self.timeout)
+        open_deadline = start + budget
         with trio.move_on_at(open_deadline):
             result = await self.prober.open(address)
             opened = True
         if not opened:
-            budget_ms = self.open_budget * 1e3
+            budget_ms = budget * 1e3
             result = await self._timed_out(
                 address, open_deadline, start, f"connection not open within {budget_ms:g}ms"
             )
@@ -523,7 +536,8 @@ class ProbeScheduler:
             self._readyz_due.add(address)
         log = logger.bind(upstream=str(address), check=READYZ if readyz else PING)
         if result.ok:
-            log.debug("probe ok", status=result.status, latency_ms=_ms(result.latency))
+            latency_ms = None if result.latency is None else round(result.latency * 1e3, 3)
+            log.debug("probe ok", status=result.status, latency_ms=latency_ms)
         else:
             log.debug("probe failed", error=result.error)
         changes = self.pool.record_probe(
@@ -536,8 +550,14 @@ class ProbeScheduler:
             auth_refused=result.auth_refused,
             answered=result.status is not None,
         )
-        if changes:
-            self.on_changes(changes)
+        if (up := self.pool.get(address)) is not None and readyz:
+            auth = not result.presented_none
+            up.stats.probe_results[
+                classify(status=result.status, timed_out=result.timed_out, authenticated=auth)
+            ] += 1
+        elif up is not None:
+            up.stats.ping_results[classify_ping(ok=result.ok, timed_out=result.timed_out)] += 1
+        self.changes.publish(changes)
         return result
 
     async def _timed_out(
@@ -552,8 +572,6 @@ class ProbeScheduler:
                 "probe timed out while kap's loop was busy; not counted"
             )
             return ProbeResult(ok=False, inconclusive=True, error="kap's loop was busy")
-        return ProbeResult(ok=False, duration=trio.current_time() - start, error=error)
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1e3, 3)
+        return ProbeResult(
+            ok=False, duration=trio.current_time() - start, error=error, timed_out=True
+        )

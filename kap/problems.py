@@ -12,7 +12,10 @@ so the rules are tested with tables. The rules:
   upstream has had its first probe (right after start, or after discovery
   added an address, nothing has been probed yet: that is no problem). An
   empty pool is one.
-* Credentials refused: N upstreams answer kap's probes with 401/403.
+* Credentials refused: N upstreams answer kap's probes with 401/403, while
+  kap presents credentials. Without them on purpose (no CA, so kap presents
+  nothing: ``unauthenticated``), a 401 is expected and no problem of its own;
+  discovery being off says why.
 * Discovery off: it stopped for a reason (no credentials, no CA); turned off
   on purpose (``--discovery=false``), it is absent from the report.
 * Discovery failing: since its first failure after the last success.
@@ -52,6 +55,7 @@ def find_problems(
     now_unix: float,
     client_cert_expiry_unix: float | None = None,
     cert_warn_days: float = CERT_WARN_DAYS,
+    unauthenticated: bool = False,
 ) -> list[str]:
     """The problems, most urgent first.
 
@@ -62,13 +66,15 @@ def find_problems(
       client_cert_expiry_unix: when the client certificate kap presents
         expires; None when kap presents none or it is not known.
       cert_warn_days: how long before the expiry it becomes a problem.
+      unauthenticated: kap presents no credentials on purpose (no CA), so
+        its probes' 401/403 are expected.
     """
     out: list[str] = []
     if not upstreams:
         out.append("no upstream usable: kap knows no upstream")
     elif not any(u.healthy for u in upstreams) and all(u.probes_total > 0 for u in upstreams):
         out.append(f"no upstream usable (0 of {len(upstreams)})")
-    refused = sum(u.auth_refused for u in upstreams)
+    refused = 0 if unauthenticated else sum(u.auth_refused for u in upstreams)
     if refused:
         out.append(f"credentials refused by {refused} of {len(upstreams)} upstreams")
     if discovery is not None:

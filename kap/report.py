@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
+import platform
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,7 +25,9 @@ from prometheus_client.core import (
 )
 
 from kap.address import Address
-from kap.pool import PROBE_BUCKETS, Pool, Upstream
+from kap.build import BuildInfo, build_info
+from kap.pool import Pool, Upstream
+from kap.probe_results import PingOutcome, ProbeOutcome
 from kap.problems import find_problems
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -38,12 +41,17 @@ class Counters:
     no_upstream_total: Callable[[], int] = lambda: 0
     failovers_total: Callable[[], int] = lambda: 0
     passive_failures_total: Callable[[], int] = lambda: 0
+    health_connection_errors_total: Callable[[], int] = lambda: 0
     active_connections: Callable[[], int] = lambda: 0
     bytes_up: Callable[[], int] = lambda: 0
     bytes_down: Callable[[], int] = lambda: 0
     discovery: Callable[[], dict[str, Any] | None] = lambda: None
     # Unix time the client certificate kap presents expires (None: none or unknown).
     client_cert_expiry_unix: Callable[[], float | None] = lambda: None
+    # Unix time the first certificate of the CA bundle kap verifies with expires.
+    ca_cert_expiry_unix: Callable[[], float | None] = lambda: None
+    # kap presents no credentials on purpose (no CA): 401/403 are expected.
+    unauthenticated: Callable[[], bool] = lambda: False
     # What an upstream's probe connection speaks: "h2" or "http/1.1" (None: not yet known).
     probe_protocol: Callable[[Address], str | None] = lambda address: None
 
@@ -93,11 +101,11 @@ class UpstreamReport:
             auth_refused=u.auth_refused,
             suspect=u.suspect,
             active_connections=u.active_connections,
-            connections_total=u.connections_total,
-            dial_failures_total=u.dial_failures_total,
-            probes_total=u.probes_total,
-            probe_failures_total=u.probe_failures_total,
-            transitions_total=u.transitions_total,
+            connections_total=u.stats.connections_total,
+            dial_failures_total=u.stats.dial_failures_total,
+            probes_total=u.stats.probes_total,
+            probe_failures_total=u.stats.probe_failures_total,
+            transitions_total=u.stats.transitions_total,
             unhealthy_for_s=since(u.unhealthy_since),
             held_down_for_s=until(u.held_until),
             removal_in_s=until(u.remove_at),
@@ -129,6 +137,7 @@ def _problems(
         discovery,
         now_unix=wall,
         client_cert_expiry_unix=counters.client_cert_expiry_unix(),
+        unauthenticated=counters.unauthenticated(),
     )
 
 
@@ -174,6 +183,7 @@ class KapCollector:
 
     pool: Pool
     counters: Counters
+    build: BuildInfo = attrs.field(factory=build_info)
 
     def describe(self) -> list[Metric]:
         return []
@@ -213,28 +223,50 @@ class KapCollector:
         yield counter(
             "kap_upstream_connections",
             "Client connections relayed to the upstream.",
-            lambda u: u.connections_total,
+            lambda u: u.stats.connections_total,
         )
         yield counter(
             "kap_upstream_dial_failures",
             "Failed client dials to the upstream.",
-            lambda u: u.dial_failures_total,
+            lambda u: u.stats.dial_failures_total,
         )
         yield counter(
             "kap_upstream_probe_failures",
             "Failed /readyz probes.",
-            lambda u: u.probe_failures_total,
+            lambda u: u.stats.probe_failures_total,
+        )
+        results = CounterMetricFamily(
+            "kap_upstream_probe_results",
+            "/readyz probes by result: ok, refused (401/403 to kap's credentials), "
+            "unauthenticated (401/403, kap presented none), not_ready, timeout, error.",
+            labels=["upstream", "result"],
+        )
+        for u in ups:
+            for outcome in ProbeOutcome:  # every result, 0 included: rate() sees the first
+                results.add_metric([str(u.address), outcome.value], u.stats.probe_results[outcome])
+        yield results
+        pings = CounterMetricFamily(
+            "kap_upstream_pings",
+            "HTTP/2 PINGs on the probe connection by result: ok, timeout, error.",
+            labels=["upstream", "result"],
+        )
+        for u in ups:
+            for ping in PingOutcome:
+                pings.add_metric([str(u.address), ping.value], u.stats.ping_results[ping])
+        yield pings
+        yield counter(
+            "kap_upstream_transitions",
+            "Changes between usable and unusable.",
+            lambda u: u.stats.transitions_total,
         )
         hist = HistogramMetricFamily(
             "kap_upstream_probe_duration_seconds", "Duration of /readyz probes.", labels=label
         )
         for u in ups:
-            cumulative, buckets = 0, []
-            for bound, count in zip(PROBE_BUCKETS, u.probe_buckets, strict=True):
-                cumulative += count
-                buckets.append((_bound(bound), float(cumulative)))
-            buckets.append(("+Inf", float(u.probe_count)))
-            hist.add_metric([str(u.address)], buckets, u.probe_sum)
+            h = u.stats.probe_duration
+            buckets = [(_bound(bound), float(n)) for bound, n in h.cumulative()]
+            buckets.append(("+Inf", float(h.count)))
+            hist.add_metric([str(u.address)], buckets, h.sum)
         yield hist
 
         c = self.counters
@@ -259,6 +291,11 @@ class KapCollector:
         yield GaugeMetricFamily(
             "kap_connections_active", "Client connections open.", value=c.active_connections()
         )
+        yield CounterMetricFamily(
+            "kap_health_connection_errors",
+            "Health-port connections that ended on an error (a client that left mid-request).",
+            value=c.health_connection_errors_total(),
+        )
         b = CounterMetricFamily("kap_bytes", "Bytes relayed.", labels=["direction"])
         b.add_metric(["up"], c.bytes_up())
         b.add_metric(["down"], c.bytes_down())
@@ -267,8 +304,22 @@ class KapCollector:
         yield GaugeMetricFamily(
             "kap_upstreams_healthy", "Usable upstreams.", value=sum(u.usable for u in ups)
         )
+        yield from _certificates(c)
+        info = GaugeMetricFamily(
+            "kap_build_info", "kap's version and revision, and Python's version.",
+            labels=["version", "revision", "python"],
+        )  # fmt: skip
+        info.add_metric([self.build.version, self.build.revision, platform.python_version()], 1)
+        yield info
         discovery = c.discovery()
-        if discovery is not None:
+        # Absent, not 0, when discovery is off (on purpose or for want of
+        # credentials): KapDiscoveryFailing must not fire on a choice.
+        if discovery is not None and discovery.get("mode") != "off":
+            yield GaugeMetricFamily(
+                "kap_discovery_up",
+                "1 while the last EndpointSlice list or watch succeeded, else 0.",
+                value=float(discovery_up(discovery)),
+            )
             yield CounterMetricFamily(
                 "kap_discovery_errors",
                 "Failed EndpointSlice lists and watches.",
@@ -282,13 +333,32 @@ class KapCollector:
             )
 
 
+def discovery_up(status: dict[str, Any]) -> bool:
+    """Discovery's last list or watch succeeded (its ``status()``): none failed since."""
+    return status.get("last_success_unix") is not None and status.get("failing_since_unix") is None
+
+
+def _certificates(c: Counters) -> Iterator[Metric]:
+    """The expiry of the certificates in kap's TLS context; absent while unknown."""
+    for name, doc, value in (
+        ("kap_client_certificate_expiry_timestamp_seconds",
+         "Unix time the client certificate kap presents expires.", c.client_cert_expiry_unix()),
+        ("kap_ca_certificate_expiry_timestamp_seconds",
+         "Unix time the first certificate of kap's CA bundle expires.", c.ca_cert_expiry_unix()),
+    ):  # fmt: skip
+        if value is not None:
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
 def _bound(value: float) -> str:
     return repr(float(value))
 
 
 def metrics_registry(pool: Pool, counters: Counters) -> CollectorRegistry:
+    """kap's own registry (no global state): its collector, and the ``process_*`` series."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(KapCollector(pool, counters))
+    ProcessCollector(registry=registry)
     return registry
 
 

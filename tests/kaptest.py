@@ -20,6 +20,7 @@ from fakeapi import FakeApiServer, PkiFiles
 
 from kap.app import App, Bound
 from kap.config import SERVICEACCOUNT_DIR, Config, parse_config
+from kap.upstream import TIER_THRESHOLDS
 
 FAST = {
     "listen_addr": "127.0.0.1",
@@ -50,15 +51,21 @@ def make_config(
     return parse_config(raw, environ=environ or {}, readable=readable)
 
 
-async def start_kap(nursery: trio.Nursery, config: Config, *, seed: int = 1) -> tuple[App, Bound]:
-    app = App(config, rng=random.Random(seed))
+# Tier thresholds that put every latency in tier 0, so round-robin order is
+# exact whatever loopback does: ``start_kap(..., tier_thresholds=ONE_TIER)``.
+ONE_TIER = (1e3, 1e4, 1e5, 1e6, 1e7)
+
+
+async def start_kap(
+    nursery: trio.Nursery,
+    config: Config,
+    *,
+    seed: int = 1,
+    tier_thresholds: tuple[float, ...] = TIER_THRESHOLDS,
+) -> tuple[App, Bound]:
+    app = App(config, rng=random.Random(seed), tier_thresholds=tier_thresholds)
     bound = await nursery.start(app.run)
     return app, bound
-
-
-def one_tier(monkeypatch: Any) -> None:
-    """Every latency in tier 0, so round-robin order is exact whatever loopback does."""
-    monkeypatch.setattr("kap.pool.TIER_THRESHOLDS", (1e3, 1e4, 1e5, 1e6, 1e7))
 
 
 async def who(address: Any, timeout: float = 5.0) -> str:

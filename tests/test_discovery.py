@@ -2,9 +2,9 @@
 
 The fakes share one SliceStore (one etcd), serve the ``default/kubernetes``
 EndpointSlices and require kap's credentials. Periods and graces are short
-(``PERIOD``, ``GRACE``) so every scenario takes a second or two. The last
-section holds one test per lightkube 1.0.1 trap under trio: each shows the
-trap with lightkube itself, then that kap's watcher does not fall into it.
+(``PERIOD``, ``GRACE``) so every scenario takes a second or two. The
+lightkube 1.0.1 traps kap avoids have their own file,
+``tests/test_lightkube_traps.py`` (which borrows this file's helpers).
 """
 
 from __future__ import annotations
@@ -19,17 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-import msgspec
 import pytest
 import trio
 from fakeapi import FakeApiServer, PkiFiles, SliceStore, endpoint_slice, garbage_slices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kaptest import FAST, StartFake, get_json, make_config, start_kap, wait_until, who
-from lightkube import ApiError, AsyncClient, KubeConfig
-from lightkube.config.models import Cluster, User
-from lightkube.resources.discovery_v1 import EndpointSlice
-from lightkube.types import OnErrorAction, OnErrorResult, on_error_retry
 from loguru import logger
 
 from kap import kubeconfig
@@ -822,230 +817,3 @@ def test_kubeconfig_server_as_a_seed(url: str, address: str | None) -> None:
             kubeconfig.server_address(url)
     else:
         assert str(kubeconfig.server_address(url)) == address
-
-
-# ---- lightkube 1.0.1 under trio: one test per trap ---------------------------
-
-
-def lightkube_client(pki: PkiFiles, url: str) -> AsyncClient:
-    config = KubeConfig.from_one(
-        cluster=Cluster(server=url, certificate_auth=str(pki.ca_file)), user=User(token=pki.token)
-    )
-    return AsyncClient(config, trust_env=False)
-
-
-async def first_event(stream: Any) -> Any:
-    async for event in stream:
-        return event
-    return None
-
-
-@bounded(15)
-async def test_trap_retrying_on_error_sleeps_with_asyncio_so_kap_retries_in_trio(
-    nursery: trio.Nursery,
-    start_fake: StartFake,
-    pki: PkiFiles,
-    free_port: int,
-    slice_store: SliceStore,
-) -> None:
-    fakes = await plane(start_fake, free_port, HOSTS[:2], require_token=pki.token)
-    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
-    slice_store.http_410_on_watch = True
-    retry_later = lambda e, n: OnErrorResult(OnErrorAction.RETRY, sleep=0.1)  # noqa: E731
-    with pytest.raises(RuntimeError, match="no running event loop"):
-        await first_event(
-            lightkube_client(pki, fakes[HOSTS[0]].url).watch(
-                EndpointSlice, namespace="default", on_error=retry_later
-            )
-        )
-    slice_store.http_410_on_watch = False
-    # kap's own loop: errors for a while, then the API answers again.
-    slice_store.list_error = 500
-    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1]))
-    await wait_until(lambda: watcher(app).errors_total >= 2)
-    slice_store.list_error = None
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
-
-
-@bounded(15)
-async def test_trap_http_410_on_watch_is_not_an_api_error_and_kap_does_not_spin(
-    nursery: trio.Nursery,
-    start_fake: StartFake,
-    pki: PkiFiles,
-    free_port: int,
-    slice_store: SliceStore,
-) -> None:
-    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
-    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
-    slice_store.http_410_on_watch = True
-    with pytest.raises(httpx2.HTTPStatusError) as caught:
-        await first_event(
-            lightkube_client(pki, fakes[HOSTS[0]].url).watch(EndpointSlice, namespace="default")
-        )
-    assert not isinstance(caught.value, ApiError) and caught.value.response.status_code == 410
-
-    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1]))
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
-    watches = len(slice_requests(*fakes.values(), watch=True))
-    await trio.sleep(1.5)  # five periods
-    # Each 410 waits a backoff (full jitter, at most 0.8 s) before a consistent list: no spinning.
-    assert len(slice_requests(*fakes.values(), watch=True)) - watches <= 2 * 5 + 2
-    slice_store.put(kube_slice(free_port, *HOSTS[:3]))  # lists still follow changes
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]))
-    assert watcher(app).errors_total == 0
-
-
-@bounded(15)
-async def test_trap_410_error_event_is_an_api_error_and_kap_relists_at_once(
-    nursery: trio.Nursery,
-    start_fake: StartFake,
-    pki: PkiFiles,
-    free_port: int,
-    slice_store: SliceStore,
-) -> None:
-    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
-    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
-    slice_store.compact()
-    with pytest.raises(ApiError) as caught:
-        await first_event(
-            lightkube_client(pki, fakes[HOSTS[0]].url).watch(
-                EndpointSlice, namespace="default", resource_version="1"
-            )
-        )
-    assert caught.value.status.code == 410
-
-    # A long period: only the 410 can make kap list again this soon.
-    config = disc_config(pki, free_port, HOSTS[:1], discover_period="30s")
-    app, _ = await start_kap(nursery, config)
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
-    w = watcher(app)
-    await wait_until(lambda: w.mode == "watch" and slice_store.open_watches == 1)
-    lists = slice_store.lists_served
-    slice_store.compact()
-    slice_store.watch_410_event()
-    await wait_until(lambda: slice_store.lists_served == lists + 1, timeout=2)
-    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]), timeout=2)
-    assert w.errors_total == 0
-
-
-@bounded(15)
-async def test_trap_connection_errors_escape_a_retrying_watch_and_kap_moves_on(
-    nursery: trio.Nursery,
-    start_fake: StartFake,
-    pki: PkiFiles,
-    free_port: int,
-    slice_store: SliceStore,
-) -> None:
-    closed = f"https://127.0.0.1:{free_port}"  # nothing listens on 127.0.0.1:P
-    with pytest.raises(httpx2.ConnectError):
-        await first_event(
-            lightkube_client(pki, closed).watch(
-                EndpointSlice, namespace="default", on_error=on_error_retry
-            )
-        )
-
-    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
-    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
-    config = disc_config(pki, free_port, HOSTS[:1], discover_period="30s")
-    app, _ = await start_kap(nursery, config)
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]))
-    w = watcher(app)
-    await wait_until(lambda: w.mode == "watch" and len(app.pool.usable()) == 3)
-    victim = w.source_upstream
-    assert victim is not None
-    fakes[victim.host].stop()  # its watch connection breaks, its port refuses
-    await wait_until(lambda: w.source_upstream not in (None, victim) and w.mode == "watch")
-    assert w.errors_total >= 1
-    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]), timeout=3)
-
-
-@bounded(15)
-async def test_trap_a_stalled_watch_has_no_read_deadline_and_kap_bounds_it(
-    nursery: trio.Nursery,
-    start_fake: StartFake,
-    pki: PkiFiles,
-    free_port: int,
-    slice_store: SliceStore,
-) -> None:
-    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
-    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
-    slice_store.stall_watches = True
-    with trio.move_on_after(1.0) as scope:
-        await first_event(
-            lightkube_client(pki, fakes[HOSTS[0]].url).watch(EndpointSlice, namespace="default")
-        )
-    assert scope.cancelled_caught  # lightkube would have waited forever
-
-    # kap: a watch silent past the stall limit is closed, and kap re-lists.
-    slice_store.stall_watches = False
-    slice_store.bookmark_interval = 0.1
-    pool = _pool_with(f"{HOSTS[0]}:{free_port}")
-    creds = CredentialFiles(Credentials(ca_file=str(pki.ca_file), token_file=str(pki.token_file)))
-    w = EndpointSliceWatcher(pool, creds, "", 30.0, lambda a: None, stall_limit=0.5)
-    nursery.start_soon(w.run)
-    await wait_until(lambda: set(w.status()["addresses"]) == addresses(free_port, *HOSTS[:2]))
-    slice_store.stall_watches = True
-    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
-    await wait_until(lambda: len(w.status()["addresses"]) == 3, timeout=3)
-    await wait_until(lambda: w.lists_total >= 3, timeout=3)  # and again, while watches stall
-    # Each stalled watch was closed: no connections pile up.
-    assert sum(f.active_connections for f in fakes.values()) <= 2
-    assert w.errors_total == 0
-
-
-@bounded(15)
-async def test_trap_a_watch_the_server_ends_is_reopened_unseen_so_kap_sends_each_watch_itself(
-    nursery: trio.Nursery,
-    start_fake: StartFake,
-    pki: PkiFiles,
-    free_port: int,
-    slice_store: SliceStore,
-) -> None:
-    fakes = await plane(start_fake, free_port, HOSTS[:1], require_token=pki.token)
-    slice_store.put(kube_slice(free_port, *HOSTS[:1]))
-    slice_store.watch_timeout = 0.1  # the server ends every watch after 0.1 s, empty
-    rv = str(slice_store.resource_version)
-    with trio.move_on_after(1.0) as scope:
-        await first_event(
-            lightkube_client(pki, fakes[HOSTS[0]].url).watch(
-                EndpointSlice, namespace="default", resource_version=rv
-            )
-        )
-    # lightkube sent a new WATCH after each end, and its caller saw none of them.
-    assert scope.cancelled_caught and slice_store.watches_opened >= 3
-    # kap sends each WATCH itself and sees each end: tests/test_reflector.py.
-
-
-@bounded(15)
-async def test_trap_one_bad_item_fails_a_typed_list_but_kap_skips_only_that_item(
-    nursery: trio.Nursery,
-    start_fake: StartFake,
-    pki: PkiFiles,
-    free_port: int,
-    slice_store: SliceStore,
-    logs: list[dict[str, Any]],
-) -> None:
-    fakes = await plane(start_fake, free_port, HOSTS[:3], require_token=pki.token)
-    slice_store.put(kube_slice(free_port, *HOSTS[:2]))
-    for i, item in enumerate(garbage_slices()):
-        slice_store.put_raw(f"garbage-{i}", item)
-    with pytest.raises(msgspec.ValidationError):
-        async for _ in lightkube_client(pki, fakes[HOSTS[0]].url).list(
-            EndpointSlice, namespace="default"
-        ):
-            pass
-
-    app, _ = await start_kap(nursery, disc_config(pki, free_port, HOSTS[:1]))
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:2]))
-    skipped = [r for r in logs if r["message"] == "skipping part of an EndpointSlice"]
-    assert len(skipped) == 7  # each garbage item once, though every list repeats them
-    # Garbage arriving by watch event is skipped too, and good events still apply.
-    late = {"metadata": {"name": "late", "labels": LABELS}, "addressType": "IPv9"}
-    slice_store.put_raw("garbage-late", late)
-    slice_store.put(kube_slice(free_port, *HOSTS[:3]))
-    await wait_until(lambda: discovered(app) == addresses(free_port, *HOSTS[:3]))
-    await trio.sleep(0.7)  # two more lists with the same garbage: no new lines
-    assert len([r for r in logs if r["message"] == "skipping part of an EndpointSlice"]) == 8
-    assert watcher(app).errors_total == 0

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+from typing import Any
+
 import pytest
 import trio
 
-from kap import health
 from kap.address import Address
 from kap.health import HealthServer
 
 
-async def start(nursery: trio.Nursery) -> Address:
-    server = HealthServer(
+def server(**limits: Any) -> HealthServer:
+    return HealthServer(
         host="127.0.0.1",
         port=0,
         routes={
             "/healthz": lambda: ("text/plain", b"ok\n"),
             "/boom": lambda: 1 / 0,  # type: ignore[dict-item]
         },
+        **limits,
     )
-    return await nursery.start(server.run)  # type: ignore[no-any-return]
+
+
+async def start(nursery: trio.Nursery, **limits: Any) -> Address:
+    return await nursery.start(server(**limits).run)  # type: ignore[no-any-return]
 
 
 async def exchange(addr: Address, data: bytes, *, timeout: float = 5.0) -> bytes:
@@ -80,16 +87,36 @@ async def test_keep_alive_serves_several_requests(nursery: trio.Nursery) -> None
 
 
 async def test_binary_junk_costs_only_its_connection(nursery: trio.Nursery) -> None:
-    addr = await start(nursery)
-    await exchange(addr, bytes(range(256)) * 10)
+    health = server()
+    addr = await nursery.start(health.run)
+    await exchange(addr, bytes(range(256)) * 10)  # answered with a 400, not an error
     assert await status_of(addr, get("/healthz")) == 200
+    assert health.connection_errors_total == 0
+
+
+async def test_a_client_that_resets_mid_request_is_counted_and_costs_only_its_connection(
+    nursery: trio.Nursery,
+) -> None:
+    health = server()
+    addr = await nursery.start(health.run)
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream(addr.host, addr.port)
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no end of head
+        while health.accepted_total < 1:
+            await trio.sleep(0.01)
+        # SO_LINGER 0: close() sends a reset instead of a FIN.
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+        while health.connection_errors_total < 1:
+            await trio.sleep(0.01)
+    assert await status_of(addr, get("/healthz")) == 200
+    assert health.connection_errors_total == 1
 
 
 async def test_slowloris_is_cut_at_the_deadline_and_healthz_keeps_answering(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery,
 ) -> None:
-    monkeypatch.setattr(health, "REQUEST_DEADLINE", 0.3)
-    addr = await start(nursery)
+    addr = await start(nursery, request_deadline=0.3)
     with trio.fail_after(5):
         slow = await trio.open_tcp_stream(addr.host, addr.port)
         await slow.send_all(b"GET /healthz HTTP/1.1\r\n")
@@ -107,12 +134,14 @@ async def test_slowloris_is_cut_at_the_deadline_and_healthz_keeps_answering(
 
 
 async def test_idle_connections_beyond_the_cap_evict_the_oldest(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery,
 ) -> None:
-    monkeypatch.setattr(health, "MAX_CONNECTIONS", 20)
-    addr = await start(nursery)
+    health = server(max_connections=20)
+    addr = await nursery.start(health.run)
     idle = [await trio.open_tcp_stream(addr.host, addr.port) for _ in range(50)]
-    await trio.sleep(0.2)
+    with trio.fail_after(5):  # every connection accepted: the cap holds 20 of them
+        while health.accepted_total < 50 or health.open_connections > 20:
+            await trio.sleep(0.01)
     assert await status_of(addr, get("/healthz")) == 200
     for s in idle:
         await s.aclose()

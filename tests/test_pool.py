@@ -9,16 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kap.address import Address
-from kap.pool import (
+from kap.events import ChangeKind
+from kap.pool import SCORE_MAX, SCORE_MIN, SOURCE_DISCOVERY, SOURCE_FLAG, Pool
+from kap.upstream import (
     FLAP_WINDOW,
     HOLD_BASE,
     HOLD_MAX,
     HYSTERESIS,
-    SCORE_MAX,
-    SCORE_MIN,
-    SOURCE_DISCOVERY,
-    SOURCE_FLAG,
-    Pool,
     hold_down,
     next_tier,
     raw_tier,
@@ -165,12 +162,12 @@ def test_failed_probe_keeps_the_tier() -> None:
 
 def test_transitions_are_reported_once() -> None:
     p = pool_of(A)
-    assert [c.kind for c in p.record_probe(A, ok=True, latency=1e-4, now=0)] == ["healthy"]
+    assert [c.kind for c in p.record_probe(A, ok=True, latency=1e-4, now=0)] == [ChangeKind.HEALTHY]
     assert p.record_probe(A, ok=True, latency=1e-4, now=1) == []
     kinds = []
     for t in range(2, 8):
         kinds += [c.kind for c in p.record_probe(A, ok=False, error="x", now=t)]
-    assert kinds == ["unhealthy"]
+    assert kinds == [ChangeKind.UNHEALTHY]
     assert p.get(A).unhealthy_since == 5  # type: ignore[union-attr]
 
 
@@ -185,8 +182,8 @@ def test_auth_refused_counts_as_alive_and_is_reported_once() -> None:
     p = pool_of(A)
     first = p.record_probe(A, ok=True, latency=1e-3, now=0, auth_refused=True, error="HTTP 403")
     second = p.record_probe(A, ok=True, latency=1e-3, now=1, auth_refused=True, error="HTTP 403")
-    assert "auth" in [c.kind for c in first]
-    assert "auth" not in [c.kind for c in second]
+    assert ChangeKind.AUTH in [c.kind for c in first]
+    assert ChangeKind.AUTH not in [c.kind for c in second]
     assert p.get(A).usable and p.get(A).auth_refused  # type: ignore[union-attr]
 
 
@@ -219,6 +216,7 @@ def test_reading_state_never_moves_the_cursor() -> None:
     first = p.pick()
     for _ in range(5):
         p.usable()
+        p.best()  # discovery's query
         p.upstreams  # noqa: B018
         p.best_tier()
         p.addresses()
@@ -300,15 +298,15 @@ def test_removal_waits_for_the_grace_period_and_can_be_cancelled() -> None:
     ok(p, A)
     ok(p, A)
     kinds = [c.kind for c in p.set_source(SOURCE_DISCOVERY, [B], now=10)]
-    assert kinds == ["removing"]
+    assert kinds == [ChangeKind.REMOVING]
     assert p.expire(39.9) == []
     # A comes back before the grace ends: it keeps its score and counters
-    assert [c.kind for c in p.set_source(SOURCE_DISCOVERY, [A, B], now=35)] == ["kept"]
+    assert [c.kind for c in p.set_source(SOURCE_DISCOVERY, [A, B], now=35)] == [ChangeKind.KEPT]
     assert p.expire(100) == []
     assert p.get(A).score == 3  # type: ignore[union-attr]
     p.set_source(SOURCE_DISCOVERY, [B], now=100)
     assert p.next_expiry() == 130
-    assert [u.address for u in p.expire(130)] == [A]
+    assert [(c.address, c.kind) for c in p.expire(130)] == [(A, ChangeKind.REMOVED)]
     assert A not in p
 
 
@@ -316,7 +314,7 @@ def test_an_empty_update_never_empties_the_pool() -> None:
     p = Pool(removal_grace=0)
     p.set_source(SOURCE_DISCOVERY, [A, B], now=0)
     changes = p.set_source(SOURCE_DISCOVERY, [], now=1)
-    assert {c.kind for c in changes} == {"kept"}
+    assert {c.kind for c in changes} == {ChangeKind.KEPT}
     assert p.expire(100) == []
     assert len(p) == 2
 
@@ -338,7 +336,7 @@ def test_survivors_keep_score_tier_and_counters_across_updates() -> None:
     p.set_source(SOURCE_DISCOVERY, [A, B], now=1)
     up = p.get(A)
     assert up is not None
-    assert (up.score, up.tier, up.connections_total, up.active_connections) == (2, 2, 1, 1)
+    assert (up.score, up.tier, up.stats.connections_total, up.active_connections) == (2, 2, 1, 1)
     assert p.get(B).usable is False  # type: ignore[union-attr]
 
 
@@ -350,10 +348,11 @@ def test_drain_targets_unreachable_upstreams_with_clients_only() -> None:
     for t in range(1, 5):
         p.record_probe(A, ok=False, error="timeout", now=t)  # hung
         p.record_probe(B, ok=False, error="HTTP 500", now=t, answered=True)  # shutting down
-    assert [u.address for u in p.unhealthy_for(now=14, at_least=10)] == [A]
-    assert p.unhealthy_for(now=12, at_least=10) == []
+    assert [u.address for u in p.to_drain(now=14, after=10)] == [A]
+    assert p.to_drain(now=12, after=10) == []
+    assert p.to_drain(now=14, after=0) == []  # --drain-after 0: never
     p.connection_closed(A)
-    assert p.unhealthy_for(now=20, at_least=10) == []
+    assert p.to_drain(now=20, after=10) == []
 
 
 # ---- damping and stability -------------------------------------------------------
@@ -386,10 +385,10 @@ def test_a_flapping_upstream_is_held_down_and_makes_few_transitions() -> None:
     for t in range(120):
         good = (t % 8) < 4
         changes = p.record_probe(A, ok=good, latency=1e-3, error="timeout", now=float(t))
-        times += [t for c in changes if c.kind in ("healthy", "unhealthy")]
+        times += [t for c in changes if c.kind in (ChangeKind.HEALTHY, ChangeKind.UNHEALTHY)]
     assert len(times) <= 10
     assert len([t for t in times if t >= 60]) <= 3  # the hold keeps growing
-    assert p.get(A).transitions_total == len(times)  # type: ignore[union-attr]
+    assert p.get(A).stats.transitions_total == len(times)  # type: ignore[union-attr]
 
 
 def test_falls_older_than_the_window_are_forgotten() -> None:
@@ -421,6 +420,76 @@ def test_passive_failure_makes_the_upstream_suspect_without_counting_a_dial() ->
     p = pool_of(A)
     ok(p, A)
     kinds = [c.kind for c in p.record_passive_failure(A, now=1, error="upstream reset")]
-    assert kinds == ["unhealthy", "suspect"]
+    assert kinds == [ChangeKind.UNHEALTHY, ChangeKind.SUSPECT]
     up = p.get(A)
-    assert up is not None and up.dial_failures_total == 0 and up.suspect
+    assert up is not None and up.stats.dial_failures_total == 0 and up.suspect
+
+
+def test_nothing_is_drained_while_no_other_upstream_is_usable() -> None:
+    p = pool_of(A, B)
+    for a in (A, B):
+        ok(p, a)
+        p.connection_opened(a)
+    for t in range(1, 5):
+        fail(p, A, now=t)
+    assert [u.address for u in p.to_drain(now=20, after=10)] == [A]
+    for t in range(1, 5):
+        fail(p, B, now=t)
+    assert p.to_drain(now=20, after=10) == []  # what kap holds is the best it has
+
+
+# ---- fast confirmation --------------------------------------------------------
+
+CONFIRM_TABLE = [
+    # (probes before, last failed, waited for the open, inconclusive, delay)
+    ("+++", True, False, False, 0.1),  # on its way down: confirm after the fast delay
+    ("+++", True, True, False, 0.0),  # the open budget was the pause: at once
+    ("+++", False, False, False, None),  # a good probe: the regular interval
+    ("+---", True, False, False, None),  # already out (score < 0): no hurry
+    ("-", True, False, False, None),  # never healthy: the regular interval
+    ("", False, False, True, 0.1),  # kap was busy: ask again soon
+]
+
+
+@pytest.mark.parametrize(("before", "failed", "waited", "inconclusive", "delay"), CONFIRM_TABLE)
+def test_fast_confirmation_only_for_a_usable_upstream_that_fails(
+    before: str, failed: bool, waited: bool, inconclusive: bool, delay: float | None
+) -> None:
+    p = pool_of(A)
+    for e in before:
+        (ok if e == "+" else fail)(p, A)
+    got = p.confirm_delay(
+        A, failed=failed, waited=waited, inconclusive=inconclusive, interval=1.0, timeout=0.1
+    )
+    assert got == delay
+
+
+@pytest.mark.parametrize(("interval", "timeout", "delay"), [(1.0, 0.1, 0.1), (1.0, 0.5, 0.25)])
+def test_fast_delay_is_a_quarter_interval_or_one_timeout(
+    interval: float, timeout: float, delay: float
+) -> None:
+    p = pool_of(A)
+    ok(p, A)
+    fail(p, A)
+    assert p.confirm_delay(A, failed=True, interval=interval, timeout=timeout) == delay
+
+
+# ---- constructor arguments and queries --------------------------------------------
+
+
+def test_tier_thresholds_are_a_constructor_argument() -> None:
+    p = pool_of(A, B, tier_thresholds=(1e3, 1e4, 1e5, 1e6, 1e7))
+    ok(p, A, latency=5e-3)
+    ok(p, B, latency=0.5)
+    assert (p.get(A).tier, p.get(B).tier) == (0, 0)  # type: ignore[union-attr]
+    assert [p.pick().address for _ in range(4)] == [A, B, A, B]  # type: ignore[union-attr]
+
+
+def test_probe_counters_live_in_the_stats() -> None:
+    p = pool_of(A)
+    p.record_probe(A, ok=True, latency=1e-3, duration=0.002, now=0)
+    p.record_probe(A, ok=False, error="x", duration=0.3, now=1)
+    stats = p.get(A).stats  # type: ignore[union-attr]
+    assert (stats.probes_total, stats.probe_failures_total) == (2, 1)
+    assert stats.probe_duration.count == 2 and stats.probe_duration.sum == pytest.approx(0.302)
+    assert dict(stats.probe_duration.cumulative())[0.0025] == 1

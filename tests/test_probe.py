@@ -13,6 +13,7 @@ from loguru import logger
 from kap.address import Address
 from kap.config import Credentials
 from kap.credentials import CredentialFiles
+from kap.events import ChangeFeed
 from kap.pool import SOURCE_FLAG, Pool
 from kap.probe import Prober, ProbeScheduler
 
@@ -100,7 +101,7 @@ async def test_a_certificate_from_another_ca_fails_and_no_token_is_sent(
         token_file=str(pki.token_file),
     )
     app, bound = await start_kap(nursery, cfg)
-    await wait_until(lambda: upstream(app, stranger).probes_total >= 3)
+    await wait_until(lambda: upstream(app, stranger).stats.probes_total >= 3)
     await wait_until(lambda: upstream(app, good).usable)
     bad = upstream(app, stranger)
     assert not bad.usable and not bad.probed_ok
@@ -131,12 +132,12 @@ async def test_three_distant_apiservers_are_healthy_with_the_default_flags(
     answers = {await who(bound.proxy) for _ in range(9)}
     assert answers <= {"a", "b", "c"} and answers
     # A few more probes each, on the kept-alive connections.
-    await wait_until(lambda: all(u.probes_total >= 4 for u in app.pool.upstreams), timeout=8)
+    await wait_until(lambda: all(u.stats.probes_total >= 4 for u in app.pool.upstreams), timeout=8)
     latencies = [u.latency for u in app.pool.upstreams]
     figure("probe 40 ms away", "seconds until all 3 upstreams are healthy", healthy_after, "s")
     for u in app.pool.upstreams:
         figure("probe 40 ms away", f"latency_ms of {u.address}", u.latency * 1e3, "ms")
-    assert all(u.usable and u.probe_failures_total == 0 for u in app.pool.upstreams)
+    assert all(u.usable and u.stats.probe_failures_total == 0 for u in app.pool.upstreams)
     # One round trip (40 ms plus the fake's answer), not two: the connection's
     # opening is not in it.
     assert all(2 * ONE_WAY <= lat < 4 * ONE_WAY for lat in latencies), latencies  # type: ignore[operator]
@@ -155,7 +156,7 @@ async def test_a_timed_out_request_does_not_doom_the_next_probe(
     pool.set_source(SOURCE_FLAG, [address], now=trio.current_time())
     sched = ProbeScheduler(
         pool=pool, prober=prober(pki), interval=1.0, timeout=0.1, jitter=0.0,
-        on_changes=lambda changes: None,
+        changes=ChangeFeed(),
     )  # fmt: skip
     assert (await sched.probe_once(address)).ok
     a.readyz = "hang"
@@ -178,7 +179,7 @@ async def test_an_upstream_that_never_answers_is_warned_about_once_not_as_a_tran
         app, _ = await start_kap(nursery, cfg)  # probes every 100 ms
         never = "upstream not healthy since it was added"
         await wait_until(lambda: never in messages)
-        await wait_until(lambda: app.pool.get(dead).probes_total >= 10)  # type: ignore[union-attr]
+        await wait_until(lambda: app.pool.get(dead).stats.probes_total >= 10)  # type: ignore[union-attr]
     finally:
         logger.remove(sink)
     assert messages.count(never) == 1

@@ -20,6 +20,7 @@ from test_probe import fake_address, prober
 from kap.address import Address
 from kap.config import ConfigError, Credentials
 from kap.credentials import CredentialFiles
+from kap.events import ChangeFeed
 from kap.pool import SOURCE_FLAG, Pool
 from kap.probe import PING, READYZ, Prober, ProbeScheduler, next_check
 from kap.probe_h2 import ALPN_H2
@@ -84,9 +85,7 @@ def scheduler(pki: PkiFiles, fake: FakeApiServer, **kw: Any) -> tuple[ProbeSched
     pool.set_source(SOURCE_FLAG, [address], now=trio.current_time())
     kw.setdefault("interval", 1.0)
     kw.setdefault("timeout", 0.1)
-    sched = ProbeScheduler(
-        pool=pool, prober=prober(pki), jitter=0.0, on_changes=lambda changes: None, **kw
-    )
+    sched = ProbeScheduler(pool=pool, prober=prober(pki), jitter=0.0, changes=ChangeFeed(), **kw)
     return sched, address
 
 
@@ -134,7 +133,7 @@ async def test_one_readyz_per_readiness_interval_and_pings_in_between(
     assert [t - start for t in a.probe_times["/readyz"]] == pytest.approx([0, 10, 20])
     assert a.counts() == {"probe_h1": 0, "probe_h2": 3, "ping": 23}
     up = sched.pool.get(address)
-    assert up is not None and up.probes_total == 26 and up.probe_failures_total == 0
+    assert up is not None and up.stats.probes_total == 26 and up.stats.probe_failures_total == 0
     assert a.connections_total == 1
 
 
@@ -166,7 +165,7 @@ async def test_a_missed_ping_fails_and_a_readyz_follows_at_once(
     # The PING at t=2 got no ack within 100 ms: a failed check; the /readyz
     # at once on a new connection passed.
     assert [t - start for t in a.probe_times["/readyz"]] == pytest.approx([0, 2.1])
-    assert up.probe_failures_total == 1 and up.probed_ok and up.usable
+    assert up.stats.probe_failures_total == 1 and up.probed_ok and up.usable
     assert a.connections_total == 2
 
 
@@ -206,7 +205,7 @@ async def test_goaway_no_error_reconnects_and_probes_at_once_without_a_failure(
     assert a.goaways_sent == [0]
     assert [t - start for t in a.probe_times["/readyz"]] == pytest.approx([0, 1.5])
     up = sched.pool.get(address)
-    assert up is not None and up.probe_failures_total == 0 and up.usable
+    assert up is not None and up.stats.probe_failures_total == 0 and up.usable
     assert a.connections_total == 2
 
 
@@ -221,12 +220,12 @@ async def test_goaway_with_an_error_is_a_failed_probe(
     await run_until(nursery, sched, 1.5, lambda: a.goaway(PROTOCOL_ERROR))
     await trio.sleep(0.01)
     up = sched.pool.get(address)
-    assert up is not None and up.probe_failures_total == 1
+    assert up is not None and up.stats.probe_failures_total == 1
     assert up.last_error == "GOAWAY PROTOCOL_ERROR"
     await trio.sleep(1.0)
     # The next check is a /readyz on a new connection, and it passes.
     assert a.counts()["probe_h2"] == 2 and a.connections_total == 2
-    assert up.probe_failures_total == 1
+    assert up.stats.probe_failures_total == 1
 
 
 async def test_the_fake_sends_goaway_after_its_idle_limit_and_kap_reconnects(

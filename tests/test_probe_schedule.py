@@ -11,8 +11,10 @@ import trio
 import trio.testing
 
 from kap.address import Address
-from kap.pool import SOURCE_FLAG, Change, Pool
+from kap.events import Change, ChangeFeed, ChangeKind
+from kap.pool import SOURCE_FLAG, Pool
 from kap.probe import ProbeResult, ProbeScheduler, next_delay, open_budget
+from kap.upstream import fast_delay
 
 A, B, C = (Address(f"10.0.0.{i}", 6443) for i in range(1, 4))
 
@@ -73,12 +75,16 @@ class ScriptedProber:
 
 
 def scheduler(
-    pool: Pool, prober: ScriptedProber, *, jitter: float = 0.0, **kw: float
+    pool: Pool,
+    prober: ScriptedProber,
+    *,
+    jitter: float = 0.0,
+    changes: ChangeFeed | None = None,
+    **kw: float,
 ) -> ProbeScheduler:
-    changes: list[Change] = []
     return ProbeScheduler(
         pool=pool, prober=prober, interval=kw.get("interval", 1.0),  # type: ignore[arg-type]
-        timeout=kw.get("timeout", 0.1), jitter=jitter, on_changes=changes.extend,
+        timeout=kw.get("timeout", 0.1), jitter=jitter, changes=changes or ChangeFeed(),
         rng=random.Random(7),
     )  # fmt: skip
 
@@ -142,17 +148,19 @@ async def test_a_hung_upstream_times_out_alone(autojump_clock: trio.testing.Mock
     assert A in prober.forgotten  # the connection of a timed-out probe is dropped
 
 
-async def test_sync_follows_membership(autojump_clock: trio.testing.MockClock) -> None:
+async def test_probe_tasks_follow_the_published_membership_changes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     pool = Pool(removal_grace=0)
     pool.set_source("discovery", [A], now=0)
     prober = ScriptedProber({A: "ok", B: "ok"})
-    sched = scheduler(pool, prober)
+    feed = ChangeFeed()
+    sched = scheduler(pool, prober, changes=feed)
     async with trio.open_nursery() as nursery:
         await nursery.start(sched.run)
         await trio.sleep(1.5)
-        pool.set_source("discovery", [B], now=trio.current_time())
-        pool.expire(trio.current_time())
-        sched.sync()
+        feed.publish(pool.set_source("discovery", [B], now=trio.current_time()))  # ADDED B
+        feed.publish(pool.expire(trio.current_time()))  # REMOVED A
         await trio.sleep(2.2)
         nursery.cancel_scope.cancel()
     assert prober.calls[A] == [0.0, 1.0]
@@ -165,23 +173,24 @@ async def test_failures_and_recovery_are_reported(autojump_clock: trio.testing.M
     pool.set_source(SOURCE_FLAG, [A], now=0)
     prober = ScriptedProber({A: "ok"})
     seen: list[Change] = []
-    sched = scheduler(pool, prober)
-    sched.on_changes = seen.extend
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sched.run)
-        await trio.sleep(3.5)  # 4 ok probes: score 3
-        prober.behaviour[A] = "fail"
-        t0 = trio.current_time()
-        while pool.get(A).usable:  # type: ignore[union-attr]
-            await trio.sleep(0.01)
-        # The first failure at the next interval, then fast confirmations.
-        fall_time = trio.current_time() - t0
-        await trio.sleep(4)
-        prober.behaviour[A] = "ok"
-        await trio.sleep(4)  # from -3, three good probes
-        nursery.cancel_scope.cancel()
-    assert [c.kind for c in seen] == ["healthy", "unhealthy", "healthy"]
-    assert fall_time == pytest.approx(0.5 + 3 * sched.fast_delay, abs=0.02)
+    feed = ChangeFeed()
+    sched = scheduler(pool, prober, changes=feed)
+    with feed.subscribe(seen.append):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sched.run)
+            await trio.sleep(3.5)  # 4 ok probes: score 3
+            prober.behaviour[A] = "fail"
+            t0 = trio.current_time()
+            while pool.get(A).usable:  # type: ignore[union-attr]
+                await trio.sleep(0.01)
+            # The first failure at the next interval, then fast confirmations.
+            fall_time = trio.current_time() - t0
+            await trio.sleep(4)
+            prober.behaviour[A] = "ok"
+            await trio.sleep(4)  # from -3, three good probes
+            nursery.cancel_scope.cancel()
+    assert [c.kind for c in seen] == [ChangeKind.HEALTHY, ChangeKind.UNHEALTHY, ChangeKind.HEALTHY]
+    assert fall_time == pytest.approx(0.5 + 3 * fast_delay(1.0, 0.1), abs=0.02)
 
 
 async def test_a_timeout_noticed_late_because_kap_was_busy_is_not_counted() -> None:
@@ -205,7 +214,7 @@ async def test_a_timeout_noticed_late_because_kap_was_busy_is_not_counted() -> N
     assert busy.inconclusive
     assert plain.error == "timeout after 50ms"
     up = pool.get(A)
-    assert up is not None and up.probes_total == 1 and sched.inconclusive_total == 1
+    assert up is not None and up.stats.probes_total == 1 and sched.inconclusive_total == 1
 
 
 @pytest.mark.parametrize(
@@ -237,7 +246,7 @@ async def test_a_slow_open_is_not_under_the_request_timeout(
     assert prober.opens[A] == [0.0]  # opened once, then kept alive
     assert prober.calls[A] == pytest.approx([0.15, 1.15, 2.15])
     up = pool.get(A)
-    assert up is not None and up.usable and up.probe_failures_total == 0
+    assert up is not None and up.usable and up.stats.probe_failures_total == 0
 
 
 async def test_a_timed_out_request_reopens_before_the_next_request(
@@ -303,18 +312,19 @@ async def test_a_new_upstream_that_never_passes_is_warned_about_once(
     pool.set_source(SOURCE_FLAG, [A, B], now=0)
     prober = ScriptedProber({A: "refuse", B: "ok"})
     seen: list[Change] = []
-    sched = scheduler(pool, prober)
-    sched.on_changes = seen.extend
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sched.run)
-        await trio.sleep(4.5)
-        assert [c.kind for c in seen if c.address == A] == []  # not logged as transitions
-        await trio.sleep(10)
-        nursery.cancel_scope.cancel()
+    feed = ChangeFeed()
+    sched = scheduler(pool, prober, changes=feed)
+    with feed.subscribe(seen.append):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sched.run)
+            await trio.sleep(4.5)
+            assert [c.kind for c in seen if c.address == A] == []  # not logged as transitions
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()
     about_a = [c for c in seen if c.address == A]
-    assert [c.kind for c in about_a] == ["never-healthy"]
+    assert [c.kind for c in about_a] == [ChangeKind.NEVER_HEALTHY]
     assert "Connection refused" in about_a[0].reason
-    assert [c.kind for c in seen if c.address == B] == ["healthy"]
+    assert [c.kind for c in seen if c.address == B] == [ChangeKind.HEALTHY]
 
 
 async def test_an_open_noticed_late_because_kap_was_busy_is_not_counted() -> None:
@@ -336,4 +346,24 @@ async def test_an_open_noticed_late_because_kap_was_busy_is_not_counted() -> Non
             busy = await sched.probe_once(A)
     assert busy.inconclusive and not busy.open_timed_out
     up = pool.get(A)
-    assert up is not None and up.probes_total == 0 and sched.inconclusive_total == 1
+    assert up is not None and up.stats.probes_total == 0 and sched.inconclusive_total == 1
+
+
+async def test_a_published_suspect_is_probed_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client's dial failed (the proxy publishes SUSPECT): the scheduler probes it now."""
+    pool = Pool()
+    pool.set_source(SOURCE_FLAG, [A, B], now=0)
+    prober = ScriptedProber({A: "ok", B: "ok"})
+    feed = ChangeFeed()
+    sched = scheduler(pool, prober, changes=feed)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sched.run)
+        await trio.sleep(1.5)
+        feed.publish(pool.record_dial_failure(A, now=trio.current_time(), error="refused"))
+        await trio.sleep(0.25)
+        nursery.cancel_scope.cancel()
+    assert prober.calls[A] == [0.0, 1.0, 1.5]
+    assert prober.calls[B] == [0.0, 1.0]
+    assert pool.get(A).usable  # type: ignore[union-attr]  # the probe cleared the suspicion

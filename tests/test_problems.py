@@ -82,3 +82,15 @@ def test_the_certificate_threshold_is_an_argument() -> None:
     assert find_problems(
         [Up()], None, now_unix=NOW, client_cert_expiry_unix=expiry, cert_warn_days=30
     ) == ["client certificate expires in 20 days (2027-02-04T08:00:00Z)"]
+
+
+def test_401s_are_no_problem_of_their_own_when_kap_presents_no_credentials_on_purpose() -> None:
+    """Without a CA kap presents nothing: the 401s are expected; discovery being off says why."""
+    off = {"mode": "off", "last_error": "no CA file"}
+    assert find_problems([REFUSED, Up()], off, now_unix=NOW, unauthenticated=True) == [
+        "discovery is off: no CA file"
+    ]
+    assert find_problems([REFUSED, Up()], off, now_unix=NOW, unauthenticated=False) == [
+        "credentials refused by 1 of 2 upstreams",
+        "discovery is off: no CA file",
+    ]

@@ -20,31 +20,33 @@ from kap.relay import Relay
 from kap.sockets import TcpOptions
 
 
-@pytest.fixture
-def one_tier(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every latency in tier 0, so round-robin order is exact whatever loopback does."""
-    kaptest.one_tier(monkeypatch)
-
-
 def fallback(*fakes: object) -> str:
     return ",".join(f"{f.address[0]}:{f.address[1]}" for f in fakes)  # type: ignore[attr-defined]
 
 
 async def test_balances_across_equal_upstreams(
-    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, one_tier: None
+    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles
 ) -> None:
     fakes = [await start_fake(n) for n in "abc"]
-    app, bound = await start_kap(nursery, make_config(pki, fallback_upstreams=fallback(*fakes)))
+    app, bound = await start_kap(
+        nursery,
+        make_config(pki, fallback_upstreams=fallback(*fakes)),
+        tier_thresholds=kaptest.ONE_TIER,
+    )
     await wait_until(lambda: settled(app))
     seen = Counter([await who(bound.proxy) for _ in range(30)])
     assert seen == {"a": 10, "b": 10, "c": 10}
 
 
 async def test_killed_upstream_gets_no_new_connections_and_clients_see_no_errors(
-    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, one_tier: None
+    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles
 ) -> None:
     a, b = await start_fake("a"), await start_fake("b")
-    app, bound = await start_kap(nursery, make_config(pki, fallback_upstreams=fallback(a, b)))
+    app, bound = await start_kap(
+        nursery,
+        make_config(pki, fallback_upstreams=fallback(a, b)),
+        tier_thresholds=kaptest.ONE_TIER,
+    )
     await wait_until(lambda: settled(app))
     assert {await who(bound.proxy) for _ in range(4)} == {"a", "b"}
     a.stop()  # listener closed: dials are refused from now on
@@ -52,15 +54,19 @@ async def test_killed_upstream_gets_no_new_connections_and_clients_see_no_errors
     assert answers == ["b"] * 20
     # The refused dials and the failing probes took it out of rotation.
     await wait_until(lambda: not upstream(app, a).usable)
-    assert upstream(app, a).dial_failures_total >= 1
+    assert upstream(app, a).stats.dial_failures_total >= 1
     assert app.proxy.stats.no_upstream_total == 0
 
 
 async def test_readyz_500_leaves_rotation_and_comes_back(
-    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, one_tier: None
+    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles
 ) -> None:
     a, b = await start_fake("a"), await start_fake("b")
-    app, bound = await start_kap(nursery, make_config(pki, fallback_upstreams=fallback(a, b)))
+    app, bound = await start_kap(
+        nursery,
+        make_config(pki, fallback_upstreams=fallback(a, b)),
+        tier_thresholds=kaptest.ONE_TIER,
+    )
     await wait_until(lambda: upstream(app, a).score == SCORE_MAX)
     a.readyz = "500"
     # From +3 it takes 4 failed probes; interval 100 ms: well within 2 s.
@@ -117,7 +123,7 @@ async def test_all_down_uses_the_default_service_then_every_upstream(
     app, bound = await start_kap(
         nursery, make_config(pki, environ=env, fallback_upstreams=fallback(a))
     )
-    await wait_until(lambda: upstream(app, a).probes_total >= 2)
+    await wait_until(lambda: upstream(app, a).stats.probes_total >= 2)
     assert not upstream(app, a).usable
     # Nothing usable: the Service first ...
     assert await who(bound.proxy) == "service"
@@ -140,7 +146,7 @@ async def test_client_is_closed_when_nothing_answers(nursery: trio.Nursery, pki:
             assert await stream.receive_some(10) == b""
         await wait_until(lambda: app.proxy.stats.no_upstream_total == 1)
         up = app.pool.get(Address("127.0.0.1", dead))
-        assert up is not None and up.dial_failures_total == 1
+        assert up is not None and up.stats.dial_failures_total == 1
 
 
 async def test_probes_present_client_certificate(
@@ -150,7 +156,7 @@ async def test_probes_present_client_certificate(
     cfg = make_config(pki, fallback_upstreams=fallback(a), cert_file=str(pki.client_cert_file),
                       key_file=str(pki.client_key_file))  # fmt: skip
     app, _ = await start_kap(nursery, cfg)
-    await wait_until(lambda: upstream(app, a).probes_total >= 2)
+    await wait_until(lambda: upstream(app, a).stats.probes_total >= 2)
     assert upstream(app, a).usable and not upstream(app, a).auth_refused
 
 
@@ -165,7 +171,7 @@ async def test_probes_send_the_token_and_reread_it_when_it_rotates(
     app, _ = await start_kap(
         nursery, make_config(pki, fallback_upstreams=fallback(a), token_file=str(token))
     )
-    await wait_until(lambda: upstream(app, a).probes_total >= 2)
+    await wait_until(lambda: upstream(app, a).stats.probes_total >= 2)
     assert not upstream(app, a).auth_refused
     a.require_token = "second"
     await wait_until(lambda: upstream(app, a).auth_refused)
@@ -179,7 +185,7 @@ async def test_refused_credentials_count_as_alive_and_show_in_upstreams(
 ) -> None:
     a = await start_fake("a", require_client_cert=True)
     app, bound = await start_kap(nursery, make_config(pki, fallback_upstreams=fallback(a)))
-    await wait_until(lambda: upstream(app, a).probes_total >= 2)
+    await wait_until(lambda: upstream(app, a).usable and upstream(app, a).stats.probes_total >= 2)
     doc = await get_json(bound.health, "/upstreams")
     (entry,) = doc["upstreams"]
     assert entry["healthy"] is True and entry["auth_refused"] is True
@@ -192,7 +198,7 @@ async def test_wrong_tls_server_name_fails_the_probe(
     a = await start_fake("a")
     cfg = make_config(pki, fallback_upstreams=fallback(a), tls_server_name="not-the-apiserver")
     app, _ = await start_kap(nursery, cfg)
-    await wait_until(lambda: upstream(app, a).probes_total >= 2)
+    await wait_until(lambda: upstream(app, a).stats.probes_total >= 2)
     up = upstream(app, a)
     assert not up.usable
     assert "certificate verify failed" in up.last_error
@@ -208,10 +214,14 @@ async def test_empty_tls_server_name_verifies_the_dialed_address(
 
 
 async def test_upstreams_and_metrics_report_the_state_without_moving_the_cursor(
-    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, one_tier: None
+    nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles
 ) -> None:
     a, b = await start_fake("a"), await start_fake("b")
-    app, bound = await start_kap(nursery, make_config(pki, fallback_upstreams=fallback(a, b)))
+    app, bound = await start_kap(
+        nursery,
+        make_config(pki, fallback_upstreams=fallback(a, b)),
+        tier_thresholds=kaptest.ONE_TIER,
+    )
     await wait_until(lambda: settled(app))
     first = await who(bound.proxy)
     for _ in range(3):
@@ -344,7 +354,7 @@ async def test_draining_an_upstream_also_cancels_the_clients_still_dialing_it() 
             assert await proxy.close_connections(hanging) == 1
             assert await client.receive_some(10) == b""  # closed, not left hanging
             await wait_until(lambda: proxy.active == 0)
-            assert (up.active_connections, up.dial_failures_total, relay.dialing) == (0, 0, 0)
+            assert (up.active_connections, up.stats.dial_failures_total, relay.dialing) == (0, 0, 0)
             await client.aclose()
             nursery.cancel_scope.cancel()
         for s in queued:

@@ -238,8 +238,8 @@ async def test_an_upstream_that_turns_unusable_is_left_at_once_not_when_its_watc
     w.pool.record_probe(second, ok=True, now=0.0, latency=0.001)
     assert w.source_upstream == first and w.mode == "watch"
     while w.pool.get(first).usable:  # type: ignore[union-attr]
-        w.pool.record_probe(first, ok=False, now=1.0, error="refused")
-    w.usable_changed()  # as the app passes on the pool's "unhealthy"
+        # published as the probe scheduler does: discovery subscribes to UNHEALTHY
+        w.changes.publish(w.pool.record_probe(first, ok=False, now=1.0, error="refused"))
     await wait_until(lambda: w.source_upstream == second and w.mode == "watch")
     # The new session lists from the cache, at least as new as what kap had seen.
     (relist,) = lists(other)

@@ -159,7 +159,7 @@ async def test_rotated_ca_and_client_certificate_are_picked_up_without_restart(
     app, _ = await start_kap(nursery, cfg)
     up = app.pool.get(Address("127.0.0.1", a.address[1]))
     assert up is not None
-    await wait_until(lambda: up.probes_total >= 2)
+    await wait_until(lambda: up.stats.probes_total >= 2)
     assert not up.usable and "certificate verify failed" in (up.last_error or "")
     # The operator fixes the CA on disk: verification passes, the cert is expired.
     shutil.copy(pki.ca_file, ca_file)

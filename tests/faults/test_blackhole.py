@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 from fakeapi import PkiFiles, fake_api_process
-from kaptest import StartFake, make_config, one_tier, settled, start_kap, wait_until, who
+from kaptest import ONE_TIER, StartFake, make_config, settled, start_kap, wait_until, who
 from netns import Netns, NetnsUnavailable
 
 from kap.address import Address
@@ -36,9 +36,7 @@ async def test_blackholed_upstream_dials_fail_over_and_connections_die(
     pki: PkiFiles,
     start_fake: StartFake,
     figure: object,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    one_tier(monkeypatch)
     other = await start_fake("other", host="127.0.0.2")
     async with fake_api_process(
         "holed", pki, host=netns.ns_ip, port=6443, wrapper=netns.exec_prefix
@@ -53,7 +51,7 @@ async def test_blackholed_upstream_dials_fail_over_and_connections_die(
             health_interval="1s",
             health_timeout="100ms",
         )
-        app, bound = await start_kap(nursery, cfg)
+        app, bound = await start_kap(nursery, cfg, tier_thresholds=ONE_TIER)
         await wait_until(lambda: settled(app), timeout=10)
         # Idle long-lived connections (watches) through kap to the holed apiserver.
         idle = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 from fakeapi import PkiFiles, fake_api_process
-from kaptest import StartFake, make_config, one_tier, settled, start_kap, upstream, wait_until, who
+from kaptest import ONE_TIER, StartFake, make_config, settled, start_kap, upstream, wait_until, who
 
 from kap.address import Address
 from kap.pool import SCORE_MAX
@@ -35,10 +35,8 @@ async def test_dead_upstream_costs_clients_nothing(
     pki: PkiFiles,
     free_port: int,
     figure: object,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """1. Killed (RST, refused): zero failed connections; no dial after the first failure."""
-    one_tier(monkeypatch)  # both take clients before the kill, whatever loopback latency does
     async with (
         fake_api_process("a", pki, host="127.0.0.2", port=free_port) as a,
         fake_api_process("b", pki, host="127.0.0.3", port=free_port) as b,
@@ -49,7 +47,8 @@ async def test_dead_upstream_costs_clients_nothing(
             health_interval="1s",
             health_timeout="100ms",
         )
-        app, bound = await start_kap(nursery, cfg)
+        # One tier: both take clients before the kill, whatever loopback latency does.
+        app, bound = await start_kap(nursery, cfg, tier_thresholds=ONE_TIER)
         await wait_until(lambda: settled(app))
         results: list[tuple[float, str | None]] = []
         async with trio.open_nursery() as clients:
@@ -70,7 +69,7 @@ async def test_dead_upstream_costs_clients_nothing(
         figure(
             "1 dead upstream",
             "dials to the dead upstream (4 concurrent clients)",
-            dead.dial_failures_total,
+            dead.stats.dial_failures_total,
         )
         assert len(after) > 50
         assert failed == []
@@ -78,7 +77,7 @@ async def test_dead_upstream_costs_clients_nothing(
         # Each client may have been dialing it at the moment it died; after its
         # first failed dial it is suspect and gets nothing more. (Often none:
         # the resets of its open connections, or a probe, took it out first.)
-        assert dead.dial_failures_total <= 4
+        assert dead.stats.dial_failures_total <= 4
         assert not dead.usable
 
 
@@ -88,7 +87,6 @@ async def test_hung_upstream_leaves_rotation_and_is_drained(
     pki: PkiFiles,
     free_port: int,
     figure: object,
-    monkeypatch: pytest.MonkeyPatch,
     readiness: str | None,
 ) -> None:
     """2. SIGSTOP: out of rotation within interval + 3 x timeout + margin; drained later.
@@ -96,7 +94,6 @@ async def test_hung_upstream_leaves_rotation_and_is_drained(
     The same with ``--readiness-interval=30s``, where the checks between two
     /readyz are HTTP/2 PINGs: a PING with no ack fails like a /readyz.
     """
-    one_tier(monkeypatch)
     fleet = {} if readiness is None else {"readiness_interval": readiness}
     async with (
         fake_api_process("a", pki, host="127.0.0.2", port=free_port) as a,
@@ -111,7 +108,7 @@ async def test_hung_upstream_leaves_rotation_and_is_drained(
             drain_after="2s",
             **fleet,
         )
-        app, bound = await start_kap(nursery, cfg)
+        app, bound = await start_kap(nursery, cfg, tier_thresholds=ONE_TIER)
         hung = Address("127.0.0.2", free_port)
         await wait_until(lambda: all(u.score == SCORE_MAX for u in app.pool.upstreams))
         assert app.probes.prober.protocol(hung) == "h2"
@@ -224,7 +221,7 @@ async def test_flapping_upstream_is_damped_and_stable_ones_preferred(
             served.append(await who(bound.proxy))
             await trio.sleep(0.01)
     flappy.readyz = "200"
-    transitions = upstream(app, flappy).transitions_total
+    transitions = upstream(app, flappy).stats.transitions_total
     share = served.count("flappy") / len(served)
     figure("5 flapping", "state transitions in 6 s of flapping (probes every 100ms)", transitions)
     figure("5 flapping", "share of new connections sent to the flapping upstream", share)
@@ -235,8 +232,13 @@ async def test_flapping_upstream_is_damped_and_stable_ones_preferred(
 async def test_slow_master_gets_no_new_connections_but_no_starvation(
     nursery: trio.Nursery, start_fake: StartFake, pki: PkiFiles, figure: object
 ) -> None:
-    """6. One apiserver 50 ms slower: tiers send clients to the fast ones; it still serves."""
-    slow = await start_fake("slow", readyz="slow", readyz_delay=0.05)
+    """6. One apiserver 200 ms slower: tiers send clients to the fast ones; it still serves.
+
+    200 ms (tier 4) rather than a few tens: on a loaded 2-core machine a fast
+    fake's own answer can take 10-30 ms (tier 3), and the test is about tiers,
+    not about how close two of them can be.
+    """
+    slow = await start_fake("slow", readyz="slow", readyz_delay=0.2)
     fast = await start_fake("fast")
     cfg = make_config(pki, fallback_upstreams=f"{addr_of(slow)},{addr_of(fast)}")
     app, bound = await start_kap(nursery, cfg)

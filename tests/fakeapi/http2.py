@@ -6,7 +6,7 @@ connection the way Go's HTTP/2 server (kube-apiserver's) does, in the parts
 kap depends on:
 
 * every stream is one request, answered by the fake's own HTTP/1.1 handler
-  (``FakeApiServer._respond``) through a bridge: the request is handed to it
+  (``FakeApiServer.respond_h2``) through a bridge: the request is handed to it
   as h11 events, and what it writes is parsed back and sent as HEADERS and
   DATA frames, so HTTP/1.1 and HTTP/2 clients see the same apiserver;
 * PINGs are acked (unless ``FakeApiServer.ack_pings`` is off) and counted;
@@ -36,7 +36,7 @@ import hyperframe.frame
 import trio
 
 if TYPE_CHECKING:
-    from fakeapi import FakeApiServer
+    from .server import FakeApiServer
 
 RECEIVE_SIZE = 65536
 # Headers of HTTP/1.1 that HTTP/2 forbids (RFC 9113 section 8.2.2).
