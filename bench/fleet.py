@@ -53,16 +53,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import fleet_model as model  # noqa: E402
-from fakeapi import (  # noqa: E402
-    CA_FILE,
-    SERVER_CERT_FILE,
-    SERVER_KEY_FILE,
-    SERVER_NAMES,
-    FakeApiServer,
-    PkiFiles,
-    SliceStore,
-    endpoint_slice,
-)
+from fakeapi import FakeApiServer, PkiFiles, SliceStore, endpoint_slice  # noqa: E402
+from fakeapi.pki import CA_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE, SERVER_NAMES  # noqa: E402
 from fleet_report import table  # noqa: E402
 
 RESULTS = HERE / "results"
