@@ -1,4 +1,4 @@
-"""kap's sessions: ``nox -s tests``, ``lint``, ``faults``, ``demo``, ``bench``.
+"""kap's sessions: ``nox -s tests``, ``lint``, ``faults``, ``demo``, ``bench``, ``fleet``.
 
 Each session installs kap and what it needs into its own virtualenv (with the
 interpreter nox runs on), so a fresh machine needs only python3 with pip.
@@ -89,6 +89,19 @@ def bench(session: nox.Session) -> None:
     session.install("-q", "-e", ".[bench]")
     session.run("python", "bench/chart.py", "--check")
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def fleet(session: nox.Session) -> None:
+    """Real kaps against three fake apiservers: what they cost the control plane (bench/fleet.py).
+
+    Per node and kind requests/s in each setting, the herd after one
+    apiserver restarts, the projection to 5,000 nodes and the budgets
+    (fails when one does not hold). ``-- --kaps N --seconds S``; about
+    5 minutes with the defaults.
+    """
+    install_locked(session)
+    session.run("python", "bench/fleet.py", *session.posargs)
 
 
 @nox.session
