@@ -39,7 +39,7 @@ import attrs
 import httpx2
 import msgspec
 import trio
-from lightkube import ApiError, AsyncClient, KubeConfig
+from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.core.generic_client import BasicRequest, GenericAsyncClient
 from lightkube.core.resource import ApiInfo, NamespacedResourceG, ResourceDef
@@ -138,28 +138,39 @@ async def open_client(
     Cancellation: the client is closed in a shielded scope that lasts at most
     ``close_deadline`` seconds.
     """
+    try:
+        client = _client(target, credentials, server_name, namespace)
+    except (OSError, ssl.SSLError, ValueError, ConfigError) as e:
+        # Nothing here should fail (kap's context is its last good one), but a
+        # client that cannot be built is one failed session, never the end of kap.
+        raise RequestError(f"cannot build the API client: {describe(e)}") from None
+    try:
+        yield client
+    finally:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + close_deadline):
+            await client.close()
+
+
+def _client(
+    target: Address, credentials: CredentialFiles, server_name: str, namespace: str
+) -> AsyncClient:
     transport = UpstreamTransport(credentials.ssl_context(), server_name, credentials.headers)
     # lightkube builds a TLS context from the cluster entry even though the
-    # transport (whose context is the one used) replaces it. Describing
-    # kap's own CA keeps that unused context cheap: with no CA at all it
-    # would load the system trust store, 25 ms of CPU per session.
-    ca_file = credentials.files.ca_file
-    cluster = Cluster(
-        server=f"https://{target}", certificate_auth=ca_file, insecure=ca_file is None
-    )
+    # transport (whose context, kap's own, verifying, is the one used) replaces
+    # it. That unused context is built without verification on purpose: from
+    # the CA file it would read the file again at every session (a CA file
+    # missing for a moment during a rotation would end kap, not just the
+    # session), and without it it would load the system trust store (25 ms of
+    # CPU per session); unverified, it costs about 1 ms and reads nothing.
+    cluster = Cluster(server=f"https://{target}", insecure=True)
     config = KubeConfig.from_one(cluster=cluster, user=User(), namespace=namespace)
-    client = AsyncClient(
+    return AsyncClient(
         config=config,
         namespace=namespace,
         timeout=httpx2.Timeout(None),  # deadlines are the cancel scopes of the caller
         trust_env=False,
         transport=transport,
     )
-    try:
-        yield client
-    finally:
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + close_deadline):
-            await client.close()
 
 
 def _request(

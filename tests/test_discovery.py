@@ -463,6 +463,37 @@ async def test_survives_the_api_going_away_and_coming_back(
     assert {await who(bound.proxy) for _ in range(9)} <= {a, b, c}
 
 
+async def test_a_ca_file_that_disappears_keeps_the_last_good_one_and_kap_running(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    free_port: int,
+    slice_store: SliceStore,
+    tmp_path: Path,
+) -> None:
+    """A CA file gone for a while (a rotation that removes before it writes) is no crash.
+
+    New discovery sessions keep using the CA kap loaded last; nothing reads
+    the file again behind kap's back.
+    """
+    a, b = HOSTS[:2]
+    fakes = await plane(start_fake, free_port, (a, b), require_token=pki.token)
+    slice_store.put(kube_slice(free_port, a))
+    ca = tmp_path / "ca.crt"
+    shutil.copy(pki.ca_file, ca)
+    app, bound = await start_kap(nursery, disc_config(pki, free_port, (a,), ca_file=str(ca)))
+    await wait_until(lambda: discovered(app) == addresses(free_port, a))
+    ca.unlink()
+    watches = slice_store.watches_opened
+    for f in fakes.values():
+        f.drop_connections()  # new sessions, each building a client
+    await wait_until(lambda: slice_store.watches_opened > watches)
+    slice_store.put(kube_slice(free_port, a, b))
+    await wait_until(lambda: discovered(app) == addresses(free_port, a, b))
+    await wait_until(lambda: len(app.pool.usable()) == 2)
+    assert await who(bound.proxy) in {a, b}
+
+
 @bounded(20)
 async def test_writes_the_fallback_file_and_a_restart_reads_it_while_the_api_fails(
     start_fake: StartFake,
