@@ -47,7 +47,7 @@ from kap.health import HealthServer
 from kap.membership import Membership, open_sets_channel
 from kap.memory import TrimPolicy, release_free_memory
 from kap.pool import Pool
-from kap.probe import Prober, ProbeScheduler
+from kap.probe import Prober, ProbeScheduler, open_budget
 from kap.proxy import Proxy
 from kap.relay import Relay
 from kap.report import Counters, current_problems, metrics_registry, metrics_text, upstreams_json
@@ -110,7 +110,9 @@ class App:
             kubeconfig_seed=c.kubeconfig_seed,
             fallback_file=c.fallback_file,
         )
-        self.relay = Relay()
+        # The passive first-byte check allows a client's upstream what a probe
+        # allows its own connection to open (an apiserver answers a ClientHello at once).
+        self.relay = Relay(answer_budget=open_budget(c.health_interval, c.health_timeout))
         self.credentials = CredentialFiles(c.credentials)
         self.proxy = Proxy(
             host=c.listen_addr,

@@ -14,6 +14,13 @@ Cancelling the scope (drain of an upstream, removal, shutdown) ends exactly
 that connection. A nursery per connection would hold exactly one child
 here; the task's own scope gives the same ownership without the cost.
 
+One thing is learnt while a connection goes on: an upstream that sent
+nothing within the relay's answer budget after the client's first bytes (the
+passive first-byte check). The relay batches those (``Relay.unanswered``,
+each named by its ``Connection``) and one task of ``Proxy.run`` counts each
+against its upstream, as a failed dial is; the connection itself is left to
+the client's own timeout and to drains.
+
 Error handling: a connection's failure ends that connection only and is
 counted; accept() survives running out of file descriptors (log, back off
 100 ms, retry, as trio's serve_listeners does).
@@ -66,6 +73,7 @@ class Connection:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     upstream: Address | None = None
     failed_dials: int = 0
+    unanswered: bool = False  # counted against its upstream while relaying
 
 
 @attrs.define
@@ -101,18 +109,22 @@ class Proxy:
         listener = bind_listener(self.host, self.port, options=self.options)
         try:
             bound = local_address(listener)
-            async with trio.open_nursery() as forwarding:
-                self._nursery = forwarding
-                task_status.started(bound)
-                with self._accepting:
-                    await self._accept_loop(listener, forwarding)
-                # Take over what already sits in the accept queue, then close:
-                # closing a listener resets its queued connections (unless the
-                # kernel migrates them to a sibling SO_REUSEPORT listener,
-                # net.ipv4.tcp_migrate_req=1). New clients are refused from now.
-                self._accept_pending(listener, forwarding)
-                listener.close()
-                logger.bind(address=str(bound)).info("stopped accepting")
+            async with trio.open_nursery() as own:
+                if self.relay.answer_budget is not None:
+                    own.start_soon(self._count_unanswered, self.relay.answer_budget)
+                async with trio.open_nursery() as forwarding:
+                    self._nursery = forwarding
+                    task_status.started(bound)
+                    with self._accepting:
+                        await self._accept_loop(listener, forwarding)
+                    # Take over what already sits in the accept queue, then close:
+                    # closing a listener resets its queued connections (unless the
+                    # kernel migrates them to a sibling SO_REUSEPORT listener,
+                    # net.ipv4.tcp_migrate_req=1). New clients are refused from now.
+                    self._accept_pending(listener, forwarding)
+                    listener.close()
+                    logger.bind(address=str(bound)).info("stopped accepting")
+                own.cancel_scope.cancel()
         finally:
             self._nursery = None
             listener.close()
@@ -189,7 +201,10 @@ class Proxy:
                         )
                         self._track(conn, address)
                         result = await self.relay.relay(
-                            client, sock, connect_by=trio.current_time() + self.dial_timeout
+                            client,
+                            sock,
+                            connect_by=trio.current_time() + self.dial_timeout,
+                            tag=conn,
                         )
                     except LocalResourceError as e:
                         # Out of fds here: no upstream is to blame; this client
@@ -239,7 +254,8 @@ class Proxy:
         if relayed.connected_at is not None:
             if conn.failed_dials:
                 self.stats.failovers_total += 1
-            self._judge(address, result, trio.current_time() - relayed.connected_at)
+            if not conn.unanswered:  # else counted against its upstream already
+                self._judge(address, result, trio.current_time() - relayed.connected_at)
         # Keyword fields, not bind(): loguru drops a debug record before
         # building anything, bind() would build a logger per connection.
         logger.debug(
@@ -273,6 +289,33 @@ class Proxy:
         changes = self.pool.record_passive_failure(address, now=trio.current_time(), error=why)
         if changes:
             self.on_changes(changes)
+
+    async def _count_unanswered(self, budget: float) -> None:
+        """Passive health while connections go on: the relay's unanswered first bytes.
+
+        An apiserver answers a TLS ClientHello at once, so a client's first
+        bytes left without a byte back for ``budget`` seconds say the
+        upstream is hung (SIGSTOPped, black-holed past the handshake,
+        overloaded): it turns suspect, as after a failed dial, and the
+        suspect change makes the probe scheduler probe it at once. Counted
+        once per connection; the connection is not closed.
+        """
+        why = f"no answer within {budget * 1000:g}ms of the client's first bytes"
+        while True:
+            batch = await self.relay.unanswered()
+            now = trio.current_time()
+            changes: list[Change] = []
+            for event in batch:
+                conn = event.tag
+                # Untracked: the connection ended meanwhile and was judged then.
+                if not isinstance(conn, Connection) or conn.upstream is None:
+                    continue
+                conn.unanswered = True
+                self.stats.passive_failures_total += 1
+                logger.debug("upstream did not answer", upstream=conn.upstream, waited=event.waited)
+                changes += self.pool.record_passive_failure(conn.upstream, now=now, error=why)
+            if changes:
+                self.on_changes(changes)
 
     def _track(self, conn: Connection, address: Address) -> None:
         """``conn`` starts dialing ``address``: it counts as that upstream's from now."""

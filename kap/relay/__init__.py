@@ -2,7 +2,7 @@
 
 Rooms: ``pump`` (the epoll loop and its budget), ``direction`` (a session and
 how its bytes move one way), ``pipes`` (the pool of splice pipes), ``dials``
-(the heap of dial deadlines) and ``outcome`` (what a call of
+(the heaps of dial and answer deadlines) and ``outcome`` (what a call of
 :meth:`Relay.relay` returns). Imports go one way: pump -> dials -> direction
 -> pipes, outcome.
 """
@@ -17,6 +17,7 @@ from kap.relay.outcome import (
     RelayNotRunningError,
     RelayResult,
     Side,
+    Unanswered,
 )
 from kap.relay.pipes import PIPE_POOL_MAX
 from kap.relay.pump import Relay
@@ -33,4 +34,5 @@ __all__ = [
     "RelayResult",
     "Relayed",
     "Side",
+    "Unanswered",
 ]

@@ -25,6 +25,11 @@ A direction's state is three named values instead of a row of flags:
 
 Besides those, ``queued`` says the direction is on the pump's ready list, and
 ``pending``/``pipe``/``in_pipe`` hold what the destination could not take yet.
+``watch`` is the passive first-byte check's one flag on the read path (set
+only when the pump has an answer budget): on the up direction, "the client's
+first read starts the wait for an answer"; on the down direction, "the first
+read is the answer". A direction's first read is always a copy, so the splice
+path needs no check.
 """
 
 from __future__ import annotations
@@ -129,6 +134,12 @@ class Host(Protocol):
     def detach(self, session: Session, *, unregister: bool) -> None:
         """Forget ``session`` (see ``Relay.detach``)."""
 
+    def expect_answer(self, session: Session) -> None:
+        """``session``'s client sent its first bytes; its upstream has sent nothing."""
+
+    def answered(self, session: Session) -> None:
+        """``session``'s upstream sent its first bytes."""
+
 
 class Direction:
     """One way of a session: reads ``src``, writes ``dst``."""
@@ -150,6 +161,7 @@ class Direction:
         "src",
         "src_fd",
         "up",
+        "watch",
     )
 
     def __init__(
@@ -170,6 +182,7 @@ class Direction:
         self.in_pipe = 0  # bytes in the pipe, not yet written to dst
         self.burst = 0  # bytes spliced since the pipe was taken
         self.count = 0  # bytes written to dst
+        self.watch = False  # the first read matters to the first-byte check
 
     @property
     def src_side(self) -> Side:
@@ -268,6 +281,8 @@ class Direction:
                     self.edge = IDLE
                     continue
                 moved += n
+                if self.watch:
+                    self.session.first_read(self.up)
                 op = _SEND_READ
                 sent = dst.send(host.view[:n] if n < BUFFER_SIZE else host.view)
                 # _count() inlined: this is the per-message path.
@@ -328,28 +343,36 @@ class Session:
     ``dial`` is the session's entry in the pump's heap of dial deadlines while
     its upstream connects (``[deadline, sequence, session]``; the pump clears
     the last item when the dial is over, so the heap keeps no session alive);
-    ``connected_at`` is when the upstream connected.
+    ``connected_at`` is when the upstream connected. ``answer`` is its entry
+    in the heap of answer deadlines while the client waits for the upstream's
+    first byte, ``tag`` what the caller gave ``Relay.relay`` to name it by.
     """
 
     __slots__ = (
+        "answer",
         "client",
         "connected_at",
         "dial",
         "down",
         "finished",
         "host",
+        "tag",
         "task",
         "up",
         "upstream",
     )
 
-    def __init__(self, host: Host, client: socket.socket, upstream: socket.socket) -> None:
+    def __init__(
+        self, host: Host, client: socket.socket, upstream: socket.socket, tag: object = None
+    ) -> None:
         self.host = host
+        self.tag = tag
         self.client = client
         self.upstream = upstream
         self.task = trio.lowlevel.current_task()
         self.finished = False
         self.dial: list[Any] | None = None
+        self.answer: list[Any] | None = None
         self.connected_at: float | None = None
         fds = (client.fileno(), upstream.fileno())
         self.up = Direction(self, client, upstream, fds)
@@ -364,6 +387,15 @@ class Session:
         """
         self.host.detach(self, unregister=True)
         return trio.lowlevel.Abort.SUCCEEDED
+
+    def first_read(self, up: bool) -> None:
+        """A watched direction read its first bytes (see ``Direction.watch``)."""
+        if up:
+            self.up.watch = False
+            self.host.expect_answer(self)
+        else:
+            self.up.watch = self.down.watch = False
+            self.host.answered(self)
 
     def fail(self, side: Side, err: int | None) -> None:
         """``side``'s socket failed: reset the other peer too, and end."""

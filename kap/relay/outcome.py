@@ -109,5 +109,19 @@ class DialFailed:
 Outcome: TypeAlias = Relayed | DialFailed
 
 
+@attrs.frozen
+class Unanswered:
+    """A session's upstream sent nothing within the budget after the client's first bytes.
+
+    Reported while the session goes on (``Relay.unanswered()``), once per
+    session. ``tag`` is what the caller passed to ``Relay.relay(..., tag=)``;
+    ``waited`` is how long the upstream had, in seconds (the budget, or a
+    little more on a busy loop).
+    """
+
+    tag: object
+    waited: float
+
+
 class RelayNotRunningError(RuntimeError):
     """``Relay.relay()`` was called while ``Relay.run()`` is not running."""

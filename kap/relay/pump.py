@@ -38,7 +38,10 @@ The rules that keep the pump honest:
 5. Work per turn is bounded (bytes and steps); past the budget the pump yields to
    trio so health probes with 100 ms timeouts keep their schedule.
 6. The pump calls nobody back: what happened comes back to the caller as the
-   return value of :meth:`Relay.relay` (kap/relay/outcome.py).
+   return value of :meth:`Relay.relay` (kap/relay/outcome.py). The one thing
+   worth knowing while a session goes on, an upstream that left a client's
+   first bytes unanswered past the budget, waits in a batch for the caller's
+   own task (:meth:`Relay.unanswered`).
 
 Linux only: the pump is built on ``select.epoll``. Without ``os.splice`` every
 direction uses ``recv_into``/``send``.
@@ -57,7 +60,7 @@ from typing import Final
 import trio
 from loguru import logger
 
-from kap.relay.dials import DialDeadlines
+from kap.relay.dials import AnswerDeadlines, DialDeadlines
 from kap.relay.direction import (
     BUFFER_SIZE,
     DIALING,
@@ -75,6 +78,7 @@ from kap.relay.outcome import (
     Ending,
     Outcome,
     RelayNotRunningError,
+    Unanswered,
 )
 from kap.relay.pipes import PipePool
 
@@ -127,9 +131,14 @@ class Relay:
     Args:
         splice: let bulk directions splice (the default where ``os.splice``
             exists); off, every byte is copied through the shared buffer.
+        answer_budget: seconds an upstream has to send its first byte once
+            the client's first bytes reached it (the passive first-byte
+            check; see :meth:`unanswered`); None, no check.
     """
 
-    def __init__(self, *, splice: bool = SPLICE_AVAILABLE) -> None:
+    def __init__(
+        self, *, splice: bool = SPLICE_AVAILABLE, answer_budget: float | None = None
+    ) -> None:
         self.bytes_up = 0
         self.bytes_down = 0
         self.bytes_spliced = 0
@@ -142,10 +151,34 @@ class Relay:
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, Direction] = {}  # fd -> the direction reading it
         self._dials = DialDeadlines()
+        self._answers = None if answer_budget is None else AnswerDeadlines(answer_budget)
 
     @property
     def dialing(self) -> int:
         return self._dials.count
+
+    @property
+    def answer_budget(self) -> float | None:
+        return None if self._answers is None else self._answers.budget
+
+    @property
+    def awaiting_answer(self) -> int:
+        """Sessions whose client spoke and whose upstream has not answered, within the budget."""
+        return 0 if self._answers is None else self._answers.count
+
+    async def unanswered(self) -> list[Unanswered]:
+        """Wait for sessions whose upstream left the client's first bytes unanswered.
+
+        Returns every such session since the last call (at least one), each
+        once, named by the ``tag`` given to :meth:`relay`. The sessions go on:
+        only their caller ends them. One task should take these while
+        :meth:`run` runs; the pump holds at most ``dials.UNANSWERED_HELD``.
+        Without an ``answer_budget`` this waits forever.
+        """
+        if self._answers is None:
+            await trio.sleep_forever()
+        assert self._answers is not None
+        return await self._answers.take()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Pump bytes until cancelled.
@@ -164,6 +197,8 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._dials.run)
+                if self._answers is not None:
+                    nursery.start_soon(self._answers.run)
                 task_status.started()
                 epfd = epoll.fileno()
                 ready = self.ready
@@ -178,7 +213,12 @@ class Relay:
             self._stop()
 
     async def relay(
-        self, client: socket.socket, upstream: socket.socket, *, connect_by: float | None = None
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        connect_by: float | None = None,
+        tag: object = None,
     ) -> Outcome:
         """Relay bytes between two connected sockets until the session is over.
 
@@ -192,6 +232,7 @@ class Relay:
                 relay. If it has not connected by this time (trio's clock), or
                 fails, the call returns :class:`DialFailed` with the client
                 socket untouched, ready for the next upstream.
+            tag: names the session in what :meth:`unanswered` returns.
 
         Returns:
             :class:`DialFailed`, or :class:`Relayed` with a ``RelayResult``.
@@ -220,8 +261,10 @@ class Relay:
         for sock in (client, upstream):
             if sock.gettimeout() != 0.0:
                 sock.setblocking(False)
-        session = Session(self, client, upstream)
+        session = Session(self, client, upstream, tag)
         up, down = session.up, session.down
+        if self._answers is not None:
+            up.watch = down.watch = True
         if connect_by is not None:
             # Only the upstream until it connects: its EPOLLOUT edge says so
             # (_on_connect), and the client is registered then.
@@ -334,6 +377,16 @@ class Relay:
         self._by_fd[d.dst_fd] = d.peer
         return True
 
+    # -- the first-byte check (Direction.watch) ------------------------------
+
+    def expect_answer(self, session: Session) -> None:
+        assert self._answers is not None
+        self._answers.add(session, trio.current_time())
+
+    def answered(self, session: Session) -> None:
+        if self._answers is not None:
+            self._answers.discard(session)
+
     # -- session ends -------------------------------------------------------
 
     def detach(self, session: Session, *, unregister: bool) -> None:
@@ -355,6 +408,8 @@ class Relay:
         dialing = down.phase is DIALING
         if dialing:
             self._dials.discard(session)
+        if session.answer is not None and self._answers is not None:
+            self._answers.discard(session)
         for d in (down,) if dialing else (up, down):
             self._by_fd.pop(d.src_fd, None)
             if epoll is not None:
@@ -379,6 +434,8 @@ class Relay:
             session.finish(Ending.STOPPED, None, "relay stopped")
         self.ready.clear()
         self._dials.clear()
+        if self._answers is not None:
+            self._answers.clear()
         self.pipes.close()
         if self._epoll is not None:
             self._epoll.close()
