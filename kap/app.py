@@ -47,7 +47,8 @@ from kap.health import HealthServer
 from kap.membership import Membership, open_sets_channel
 from kap.memory import TrimPolicy, release_free_memory
 from kap.pool import Pool
-from kap.probe import Prober, ProbeScheduler
+from kap.probe import Prober
+from kap.probe_schedule import ProbeScheduler
 from kap.proxy import Proxy
 from kap.relay import Relay
 from kap.report import Counters, current_problems, metrics_registry, metrics_text, upstreams_json
@@ -197,6 +198,8 @@ class App:
             log.warning("upstream refuses kap's credentials; counted as alive")
         elif kind is ChangeKind.SUSPECT:
             log.debug("upstream suspect until its next probe")
+        elif kind is ChangeKind.DISCOVERED:
+            log.debug("upstream in discovery's new set; probed now")
         else:
             log.info(f"upstream {kind.value}")
 
