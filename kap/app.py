@@ -46,12 +46,13 @@ from kap.events import Change, ChangeFeed, ChangeKind
 from kap.health import HealthServer
 from kap.membership import Membership, open_sets_channel
 from kap.memory import TrimPolicy, release_free_memory
+from kap.metrics import metrics_registry, metrics_text
 from kap.pool import Pool
 from kap.probe import Prober
 from kap.probe_schedule import ProbeScheduler
 from kap.proxy import Proxy
 from kap.relay import Relay
-from kap.report import Counters, current_problems, metrics_registry, metrics_text, upstreams_json
+from kap.report import Counters, current_problems, upstreams_json
 from kap.sockets import TcpOptions
 from kap.upstream import TIER_THRESHOLDS
 
