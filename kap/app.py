@@ -145,7 +145,12 @@ class App:
             )
         else:
             discovered.close()  # membership then only expires removals
-        self.counters = counters = Counters(
+        self.counters = self._counters()
+        self.health = self._health_server(self.counters)
+
+    def _counters(self) -> Counters:
+        """What /upstreams and /metrics read outside the pool, each a read of its part."""
+        return Counters(
             accepted_total=lambda: self.proxy.stats.accepted_total,
             no_upstream_total=lambda: self.proxy.stats.no_upstream_total,
             failovers_total=lambda: self.proxy.stats.failovers_total,
@@ -160,7 +165,6 @@ class App:
             probe_protocol=self.probes.prober.protocol,
             health_connection_errors_total=lambda: self.health.connection_errors_total,
         )
-        self.health = self._health_server(counters)
 
     def _health_server(self, counters: Counters) -> HealthServer:
         """The health endpoints, each a read of the pool and the counters."""
