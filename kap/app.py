@@ -46,11 +46,13 @@ from kap.events import Change, ChangeFeed, ChangeKind
 from kap.health import HealthServer
 from kap.membership import Membership, open_sets_channel
 from kap.memory import TrimPolicy, release_free_memory
+from kap.metrics import metrics_registry, metrics_text
 from kap.pool import Pool
-from kap.probe import Prober, ProbeScheduler, open_budget
+from kap.probe import Prober
+from kap.probe_schedule import ProbeScheduler, open_budget
 from kap.proxy import Proxy
 from kap.relay import Relay
-from kap.report import Counters, current_problems, metrics_registry, metrics_text, upstreams_json
+from kap.report import Counters, current_problems, upstreams_json
 from kap.sockets import TcpOptions
 from kap.upstream import TIER_THRESHOLDS
 
@@ -145,7 +147,12 @@ class App:
             )
         else:
             discovered.close()  # membership then only expires removals
-        self.counters = counters = Counters(
+        self.counters = self._counters()
+        self.health = self._health_server(self.counters)
+
+    def _counters(self) -> Counters:
+        """What /upstreams and /metrics read outside the pool, each a read of its part."""
+        return Counters(
             accepted_total=lambda: self.proxy.stats.accepted_total,
             no_upstream_total=lambda: self.proxy.stats.no_upstream_total,
             failovers_total=lambda: self.proxy.stats.failovers_total,
@@ -160,7 +167,6 @@ class App:
             probe_protocol=self.probes.prober.protocol,
             health_connection_errors_total=lambda: self.health.connection_errors_total,
         )
-        self.health = self._health_server(counters)
 
     def _health_server(self, counters: Counters) -> HealthServer:
         """The health endpoints, each a read of the pool and the counters."""
@@ -199,6 +205,8 @@ class App:
             log.warning("upstream refuses kap's credentials; counted as alive")
         elif kind is ChangeKind.SUSPECT:
             log.debug("upstream suspect until its next probe")
+        elif kind is ChangeKind.DISCOVERED:
+            log.debug("upstream in discovery's new set; probed now")
         else:
             log.info(f"upstream {kind.value}")
 

@@ -92,29 +92,13 @@ async def check_all(
     async def discovery(nursery: trio.Nursery) -> None:
         if starting:
             await decided.wait()
-            via = _via(found)
-            if via is None:
-                found.discovery = DiscoveryFacts(error="no upstream answered to list through")
-                return
-            found.discovery = await list_slices(via, reach)
+            found.discovery = await _list_through_upstreams(found, reach)
         elif service is not None:
-            found.service = await probe(service, (SERVICE_SOURCE,), reach)
-            if found.service.tls_ms is None:
-                found.discovery = DiscoveryFacts(
-                    via=str(service), via_service=True, error="the Service did not answer TLS"
-                )
-                return
-            result = await list_slices(service, reach)
-            found.discovery = attrs.evolve(result, via_service=True)
+            found.discovery = await _list_through_service(found, service, reach)
         else:
             return
-        for text in found.discovery.addresses:
-            address = Address.parse(text)
-            if address in found.sources:
-                found.sources[address].append(SOURCE_DISCOVERY)
-            else:
-                found.sources[address] = [SOURCE_DISCOVERY]
-                nursery.start_soon(one_more, address)
+        for address in _note_discovered(found, found.discovery):
+            nursery.start_soon(one_more, address)
 
     async def one_more(address: Address) -> None:
         found.upstreams[address] = await probe(address, tuple(found.sources[address]), reach)
@@ -126,6 +110,38 @@ async def check_all(
             if discover:
                 nursery.start_soon(discovery, nursery)
     return found
+
+
+async def _list_through_upstreams(found: Findings, reach: Reach) -> DiscoveryFacts:
+    """List the slices through the upstream ``_via`` picks, once the starting ones are checked."""
+    via = _via(found)
+    if via is None:
+        return DiscoveryFacts(error="no upstream answered to list through")
+    return await list_slices(via, reach)
+
+
+async def _list_through_service(found: Findings, service: Address, reach: Reach) -> DiscoveryFacts:
+    """No starting upstream: check the default Service (into ``found``), then list through it."""
+    found.service = await probe(service, (SERVICE_SOURCE,), reach)
+    if found.service.tls_ms is None:
+        return DiscoveryFacts(
+            via=str(service), via_service=True, error="the Service did not answer TLS"
+        )
+    result = await list_slices(service, reach)
+    return attrs.evolve(result, via_service=True)
+
+
+def _note_discovered(found: Findings, discovery: DiscoveryFacts) -> list[Address]:
+    """Add discovery to each listed address's sources; return those not checked yet."""
+    new = []
+    for text in discovery.addresses:
+        address = Address.parse(text)
+        if address in found.sources:
+            found.sources[address].append(SOURCE_DISCOVERY)
+        else:
+            found.sources[address] = [SOURCE_DISCOVERY]
+            new.append(address)
+    return new
 
 
 def _via(found: Findings) -> Address | None:

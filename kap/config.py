@@ -162,7 +162,28 @@ def parse_config(
     if problems.lines or config is None:
         raise ConfigError(problems.lines)
     warnings: list[str] = []
-    credentials = resolve_files(
+    credentials = _credentials(config, kubeconfig, readable, check, problems, warnings)
+    problems.raise_any()
+    config = attrs.evolve(config, credentials=credentials)
+    if kubeconfig is not None:
+        config = _with_kubeconfig(config, kubeconfig, values.get("tls_server_name") is None)
+        warnings.extend(kubeconfig.warnings)
+    default_service = _default_service(environ, warnings)
+    if config.health_timeout >= config.health_interval:
+        warnings.append("--health-timeout is not shorter than --health-interval: probes overlap")
+    return attrs.evolve(config, default_service=default_service, warnings=tuple(warnings))
+
+
+def _credentials(
+    config: Config,
+    kubeconfig: KubeconfigCredentials | None,
+    readable: Callable[[str], str | None],
+    check: Callable[[Credentials], Mapping[str, str]] | None,
+    problems: _Problems,
+    warnings: list[str],
+) -> Credentials:
+    """The credentials kap presents: the flags' files first, then ``kap.sources``' order."""
+    return resolve_files(
         Credentials(
             ca_file=config.ca_file,
             cert_file=config.cert_file,
@@ -179,15 +200,6 @@ def parse_config(
         bad=problems.bad,
         warnings=warnings,
     )
-    problems.raise_any()
-    config = attrs.evolve(config, credentials=credentials)
-    if kubeconfig is not None:
-        config = _with_kubeconfig(config, kubeconfig, values.get("tls_server_name") is None)
-        warnings.extend(kubeconfig.warnings)
-    default_service = _default_service(environ, warnings)
-    if config.health_timeout >= config.health_interval:
-        warnings.append("--health-timeout is not shorter than --health-interval: probes overlap")
-    return attrs.evolve(config, default_service=default_service, warnings=tuple(warnings))
 
 
 def parse_option(option: Option, text: str | None, disk: Disk) -> Any:

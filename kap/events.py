@@ -2,11 +2,12 @@
 
 The pool decides and returns what changed (``Change``, of a ``ChangeKind``);
 the task that asked the pool (a probe, a client's dial, the membership task)
-publishes those changes on the one ``ChangeFeed``; each consumer subscribes
+publishes those changes on the one ``ChangeFeed`` (the membership task adds
+``DISCOVERED`` for each member of a new discovered set); each consumer subscribes
 to the kinds it acts on:
 
-* the probe scheduler: ``SUSPECT`` (probe that upstream now), ``ADDED`` and
-  ``REMOVED`` (start and stop probe tasks);
+* the probe scheduler: ``SUSPECT`` and ``DISCOVERED`` (a ``/readyz`` of that
+  upstream now), ``ADDED`` and ``REMOVED`` (start and stop probe tasks);
 * discovery: ``HEALTHY``, ``UNHEALTHY``, ``REMOVED`` (leave the default
   Service for a usable upstream, and an upstream that is no longer usable);
 * the app: every kind, to log it; ``REMOVED``, to drain the connections.
@@ -42,6 +43,7 @@ class ChangeKind(enum.Enum):
     TIER = "tier"  # its latency tier moved
     AUTH = "auth"  # it answers but refuses kap's credentials
     SUSPECT = "suspect"  # a client's dial or connection just failed
+    DISCOVERED = "discovered"  # in discovery's set, which just changed: check it now
 
 
 MEMBERSHIP = frozenset({ChangeKind.ADDED, ChangeKind.REMOVED})

@@ -41,6 +41,8 @@ import attrs
 import msgspec
 import yaml  # type: ignore[import-untyped]
 from lightkube import ConfigError, KubeConfig
+from lightkube.config.kubeconfig import SingleConfig
+from lightkube.config.models import User
 
 from kap.address import Address, AddressError
 from kap.sources import Credentials
@@ -210,6 +212,45 @@ def load(path: str) -> KubeconfigCredentials:
 
 
 def _parse(doc: dict[str, Any], path: str) -> KubeconfigCredentials:
+    """The credentials of ``doc``'s current context (else its only one); see ``load``."""
+    single = _context(doc, path)
+    cluster, user = single.cluster, single.user
+    raw_cluster = _named(doc, "clusters", single.context.cluster, "cluster")
+    tls_server_name = raw_cluster.get("tls-server-name")
+    warnings: list[str] = []
+    where = _Files(single)
+    ca_file = where.either(
+        cluster.certificate_auth_data, cluster.certificate_auth, "certificate-authority-data"
+    )
+    if ca_file is None and cluster.insecure:
+        warnings.append("kubeconfig sets insecure-skip-tls-verify: the apiserver is not verified")
+    cert_file = key_file = token_file = None
+    if user is not None:
+        cert_file, key_file, token_file = _user_files(user, where, warnings)
+    if (cert_file is None) != (key_file is None):
+        raise KubeconfigError("a client certificate needs its key (and a key its certificate)")
+    if cert_file is None and token_file is None:
+        raise KubeconfigError(
+            f"context {single.context_name!r} has no client certificate or token kap can use"
+        )
+    return KubeconfigCredentials(
+        credentials=Credentials(
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            token_file=token_file,
+            origin="kubeconfig",
+        ),
+        seed=_seed(cluster.server, warnings),
+        tls_server_name=tls_server_name if isinstance(tls_server_name, str) else None,
+        context=single.context_name,
+        warnings=tuple(warnings),
+        files=tuple(where.files),
+    )
+
+
+def _context(doc: dict[str, Any], path: str) -> SingleConfig:
+    """lightkube's view of the current context, or the only one; one line when unusable."""
     try:
         kc = KubeConfig.from_dict(doc, fname=Path(path).resolve())
         context = kc.current_context
@@ -221,80 +262,57 @@ def _parse(doc: dict[str, Any], path: str) -> KubeconfigCredentials:
         why = " ".join(why.split())[:200]
         raise KubeconfigError(f"{path}: not a usable kubeconfig: {why}") from None
     assert single is not None
-    cluster, user = single.cluster, single.user
-    raw_cluster = _named(doc, "clusters", single.context.cluster, "cluster")
-    tls_server_name = raw_cluster.get("tls-server-name")
-    warnings: list[str] = []
-    files: list[IO[bytes]] = []
+    return single
 
-    def path_of(value: str) -> str:
-        return str(single.abs_file(value))
 
-    ca_file: str | None = None
-    if cluster.certificate_auth_data:
-        ca_data = _b64(cluster.certificate_auth_data, "certificate-authority-data")
-        files.append(_inline(ca_data, "certificate-authority-data"))
-        ca_file = files[-1].name
-    elif cluster.certificate_auth:
-        ca_file = path_of(cluster.certificate_auth)
-    elif cluster.insecure:
-        warnings.append("kubeconfig sets insecure-skip-tls-verify: the apiserver is not verified")
+@attrs.define
+class _Files:
+    """Where a context's credentials are: paths made absolute, inline data in kept temp files."""
 
-    cert_file = key_file = token_file = None
-    if user is not None:
-        if user.client_cert_data:
-            files.append(
-                _inline(
-                    _b64(user.client_cert_data, "client-certificate-data"),
-                    "client-certificate-data",
-                )
-            )
-            cert_file = files[-1].name
-        elif user.client_cert:
-            cert_file = path_of(user.client_cert)
-        if user.client_key_data:
-            files.append(_inline(_b64(user.client_key_data, "client-key-data"), "client-key-data"))
-            key_file = files[-1].name
-        elif user.client_key:
-            key_file = path_of(user.client_key)
-        if user.token_file:
-            token_file = path_of(user.token_file)
-        elif user.token:
-            files.append(_inline(user.token.strip().encode(), "token"))
-            token_file = files[-1].name
-        unsupported = [
-            what
-            for what, present in (
-                ("exec", user.exec),
-                ("auth-provider", user.auth_provider),
-                ("username/password", user.username or user.password),
-            )
-            if present
-        ]
-        if unsupported:
-            warnings.append(f"kubeconfig user {', '.join(unsupported)} is not supported; ignored")
-    if (cert_file is None) != (key_file is None):
-        raise KubeconfigError("a client certificate needs its key (and a key its certificate)")
-    if cert_file is None and token_file is None:
-        raise KubeconfigError(
-            f"context {single.context_name!r} has no client certificate or token kap can use"
+    single: SingleConfig
+    files: list[IO[bytes]] = attrs.field(factory=list)
+
+    def inline(self, content: bytes, field: str) -> str:
+        self.files.append(_inline(content, field))
+        return self.files[-1].name
+
+    def path(self, file: str) -> str:
+        return str(self.single.abs_file(file))
+
+    def either(self, data: str | None, file: str | None, field: str) -> str | None:
+        """Inline base64 ``data`` if given, else ``file``, else None."""
+        if data:
+            return self.inline(_b64(data, field), field)
+        return self.path(file) if file else None
+
+
+def _user_files(user: User, where: _Files, warnings: list[str]) -> tuple[str | None, ...]:
+    """The user's client certificate, key and token files; what kap cannot use, warned."""
+    cert_file = where.either(user.client_cert_data, user.client_cert, "client-certificate-data")
+    key_file = where.either(user.client_key_data, user.client_key, "client-key-data")
+    token_file = None
+    if user.token_file:
+        token_file = where.path(user.token_file)
+    elif user.token:
+        token_file = where.inline(user.token.strip().encode(), "token")
+    unsupported = [
+        what
+        for what, present in (
+            ("exec", user.exec),
+            ("auth-provider", user.auth_provider),
+            ("username/password", user.username or user.password),
         )
-    seed: Address | None = None
+        if present
+    ]
+    if unsupported:
+        warnings.append(f"kubeconfig user {', '.join(unsupported)} is not supported; ignored")
+    return cert_file, key_file, token_file
+
+
+def _seed(server: str, warnings: list[str]) -> Address | None:
+    """The cluster's server as a starting upstream, or None with a warning why not."""
     try:
-        seed = server_address(cluster.server)
+        return server_address(server)
     except AddressError as e:
         warnings.append(f"kubeconfig server not used as a seed: {e}")
-    return KubeconfigCredentials(
-        credentials=Credentials(
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
-            token_file=token_file,
-            origin="kubeconfig",
-        ),
-        seed=seed,
-        tls_server_name=tls_server_name if isinstance(tls_server_name, str) else None,
-        context=single.context_name,
-        warnings=tuple(warnings),
-        files=tuple(files),
-    )
+        return None

@@ -7,8 +7,9 @@ discovery's sets on a memory channel. Each set goes into the pool (source
 file is written in a worker thread (``kap.fallback.save``), so its fsync
 never stalls the loop. It also removes upstreams whose removal grace has
 passed, at the moment it passes. Every change it makes is published on the
-change feed (``ADDED``, ``REMOVING``, ``KEPT``, ``REMOVED``): the probe
-scheduler follows them, the app logs them and drains removed upstreams.
+change feed (``ADDED``, ``REMOVING``, ``KEPT``, ``REMOVED``, and
+``DISCOVERED`` for each member of a discovered set): the probe scheduler
+follows them, the app logs them and drains removed upstreams.
 
 Each set is discovery's whole current view, so only the latest one matters:
 sets that queued up while a write was in progress are skipped to the newest.
@@ -26,7 +27,7 @@ from loguru import logger
 
 from kap import fallback
 from kap.address import Address
-from kap.events import ChangeFeed
+from kap.events import Change, ChangeFeed, ChangeKind
 from kap.pool import SOURCE_DISCOVERY, SOURCE_FILE, SOURCE_FLAG, SOURCE_KUBECONFIG, Pool
 
 
@@ -94,13 +95,17 @@ class Membership:
         self.changes.publish(self.pool.set_source(source, addresses, now=trio.current_time()))
 
     async def discovered(self, addresses: list[Address]) -> None:
-        """Discovery's new set: into the pool, and into the fallback file.
+        """Discovery's new set: into the pool (each member ``DISCOVERED``), and the fallback file.
 
         The file is rewritten in place (a hostPath mount cannot be renamed
         over), only when its content changes, never with an empty list; a
         write error is logged and membership goes on.
         """
         self.set_source(SOURCE_DISCOVERY, addresses)
+        # A changed slice says something moved in the control plane: every
+        # upstream in it gets a /readyz now, not a PING at its next tick.
+        why = "in discovery's new set"
+        self.changes.publish([Change(a, ChangeKind.DISCOVERED, why) for a in addresses])
         path = self.fallback_file
         if path is None or not addresses:
             return

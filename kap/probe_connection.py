@@ -2,7 +2,7 @@
 
 kap opens and speaks on its probe connections itself, not through an HTTP
 client's pool, because a probe's two deadlines must bound what they measure
-(``kap/probe.py``): opening the connection (TCP connect and TLS handshake) is
+(``kap/probe_schedule.py``): opening the connection (TCP connect and TLS handshake) is
 one step, each ``GET /readyz`` on the open connection another, and the caller
 puts each under its own cancel scope. ``open_tls`` offers ``h2`` and
 ``http/1.1`` over ALPN (the probe's TLS context says so); when the apiserver

@@ -1,36 +1,23 @@
-"""What ``/upstreams`` and ``/metrics`` show: rendered from the state, read-only.
+"""What ``/upstreams`` shows, and the counters ``/metrics`` reads: from the state, read-only.
 
 Nothing here changes the pool (go-loadbalancer's ``IsRouteHealthy`` advanced
 the round-robin cursor on every health query; kap's reports never do). The
-Prometheus side is a custom collector over a private registry, so there is no
-global metrics state and a scrape costs one pass over the upstreams.
+Prometheus side is ``kap.metrics``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 
 from kap.address import Address
-from kap.build import BuildInfo, build_info
 from kap.pool import Pool, Upstream
-from kap.probe_results import PingOutcome, ProbeOutcome
 from kap.problems import find_problems
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @attrs.define
@@ -175,192 +162,3 @@ def upstreams_document(
 
 def upstreams_json(pool: Pool, counters: Counters, now: float) -> bytes:
     return (json.dumps(upstreams_document(pool, counters, now), indent=2) + "\n").encode()
-
-
-@attrs.define(eq=False)
-class KapCollector:
-    """Prometheus collector reading the pool and the counters at scrape time."""
-
-    pool: Pool
-    counters: Counters
-    build: BuildInfo = attrs.field(factory=build_info)
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        ups = self.pool.upstreams
-        label = ["upstream"]
-
-        def gauge(name: str, doc: str, value: Callable[[Upstream], float]) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=label)
-            for u in ups:
-                g.add_metric([str(u.address)], value(u))
-            return g
-
-        def counter(name: str, doc: str, value: Callable[[Upstream], float]) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=label)
-            for u in ups:
-                c.add_metric([str(u.address)], value(u))
-            return c
-
-        yield gauge(
-            "kap_upstream_healthy",
-            "1 if the upstream is usable for new connections.",
-            lambda u: float(u.usable),
-        )
-        yield gauge("kap_upstream_score", "Health score, -3..3; usable at >= 0.", lambda u: u.score)
-        yield gauge(
-            "kap_upstream_tier",
-            "Latency tier 0..5 (-1 before the first probe).",
-            lambda u: -1 if u.tier is None else u.tier,
-        )
-        yield gauge(
-            "kap_upstream_active_connections",
-            "Client connections open to the upstream.",
-            lambda u: u.active_connections,
-        )
-        yield counter(
-            "kap_upstream_connections",
-            "Client connections relayed to the upstream.",
-            lambda u: u.stats.connections_total,
-        )
-        yield counter(
-            "kap_upstream_dial_failures",
-            "Failed client dials to the upstream.",
-            lambda u: u.stats.dial_failures_total,
-        )
-        yield counter(
-            "kap_upstream_probe_failures",
-            "Failed /readyz probes.",
-            lambda u: u.stats.probe_failures_total,
-        )
-        results = CounterMetricFamily(
-            "kap_upstream_probe_results",
-            "/readyz probes by result: ok, refused (401/403 to kap's credentials), "
-            "unauthenticated (401/403, kap presented none), not_ready, timeout, error.",
-            labels=["upstream", "result"],
-        )
-        for u in ups:
-            for outcome in ProbeOutcome:  # every result, 0 included: rate() sees the first
-                results.add_metric([str(u.address), outcome.value], u.stats.probe_results[outcome])
-        yield results
-        pings = CounterMetricFamily(
-            "kap_upstream_pings",
-            "HTTP/2 PINGs on the probe connection by result: ok, timeout, error.",
-            labels=["upstream", "result"],
-        )
-        for u in ups:
-            for ping in PingOutcome:
-                pings.add_metric([str(u.address), ping.value], u.stats.ping_results[ping])
-        yield pings
-        yield counter(
-            "kap_upstream_transitions",
-            "Changes between usable and unusable.",
-            lambda u: u.stats.transitions_total,
-        )
-        hist = HistogramMetricFamily(
-            "kap_upstream_probe_duration_seconds", "Duration of /readyz probes.", labels=label
-        )
-        for u in ups:
-            h = u.stats.probe_duration
-            buckets = [(_bound(bound), float(n)) for bound, n in h.cumulative()]
-            buckets.append(("+Inf", float(h.count)))
-            hist.add_metric([str(u.address)], buckets, h.sum)
-        yield hist
-
-        c = self.counters
-        yield CounterMetricFamily(
-            "kap_connections_accepted", "Client connections accepted.", value=c.accepted_total()
-        )
-        yield CounterMetricFamily(
-            "kap_connections_no_upstream",
-            "Clients closed because no upstream answered.",
-            value=c.no_upstream_total(),
-        )
-        yield CounterMetricFamily(
-            "kap_connections_failover",
-            "Clients served by a later candidate after a failed dial.",
-            value=c.failovers_total(),
-        )
-        yield CounterMetricFamily(
-            "kap_connections_passive_failures",
-            "Connections an upstream reset or closed unanswered (counted against it).",
-            value=c.passive_failures_total(),
-        )
-        yield GaugeMetricFamily(
-            "kap_connections_active", "Client connections open.", value=c.active_connections()
-        )
-        yield CounterMetricFamily(
-            "kap_health_connection_errors",
-            "Health-port connections that ended on an error (a client that left mid-request).",
-            value=c.health_connection_errors_total(),
-        )
-        b = CounterMetricFamily("kap_bytes", "Bytes relayed.", labels=["direction"])
-        b.add_metric(["up"], c.bytes_up())
-        b.add_metric(["down"], c.bytes_down())
-        yield b
-        yield GaugeMetricFamily("kap_upstreams", "Upstreams in the pool.", value=len(ups))
-        yield GaugeMetricFamily(
-            "kap_upstreams_healthy", "Usable upstreams.", value=sum(u.usable for u in ups)
-        )
-        yield from _certificates(c)
-        info = GaugeMetricFamily(
-            "kap_build_info", "kap's version and revision, and Python's version.",
-            labels=["version", "revision", "python"],
-        )  # fmt: skip
-        info.add_metric([self.build.version, self.build.revision, platform.python_version()], 1)
-        yield info
-        discovery = c.discovery()
-        # Absent, not 0, when discovery is off (on purpose or for want of
-        # credentials): KapDiscoveryFailing must not fire on a choice.
-        if discovery is not None and discovery.get("mode") != "off":
-            yield GaugeMetricFamily(
-                "kap_discovery_up",
-                "1 while the last EndpointSlice list or watch succeeded, else 0.",
-                value=float(discovery_up(discovery)),
-            )
-            yield CounterMetricFamily(
-                "kap_discovery_errors",
-                "Failed EndpointSlice lists and watches.",
-                value=discovery.get("errors_total", 0),
-            )
-            last = discovery.get("last_success_unix")
-            yield GaugeMetricFamily(
-                "kap_discovery_last_success_timestamp_seconds",
-                "Unix time of the last successful EndpointSlice list or watch event.",
-                value=0.0 if last is None else float(last),
-            )
-
-
-def discovery_up(status: dict[str, Any]) -> bool:
-    """Discovery's last list or watch succeeded (its ``status()``): none failed since."""
-    return status.get("last_success_unix") is not None and status.get("failing_since_unix") is None
-
-
-def _certificates(c: Counters) -> Iterator[Metric]:
-    """The expiry of the certificates in kap's TLS context; absent while unknown."""
-    for name, doc, value in (
-        ("kap_client_certificate_expiry_timestamp_seconds",
-         "Unix time the client certificate kap presents expires.", c.client_cert_expiry_unix()),
-        ("kap_ca_certificate_expiry_timestamp_seconds",
-         "Unix time the first certificate of kap's CA bundle expires.", c.ca_cert_expiry_unix()),
-    ):  # fmt: skip
-        if value is not None:
-            yield GaugeMetricFamily(name, doc, value=value)
-
-
-def _bound(value: float) -> str:
-    return repr(float(value))
-
-
-def metrics_registry(pool: Pool, counters: Counters) -> CollectorRegistry:
-    """kap's own registry (no global state): its collector, and the ``process_*`` series."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(KapCollector(pool, counters))
-    ProcessCollector(registry=registry)
-    return registry
-
-
-def metrics_text(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)

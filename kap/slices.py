@@ -114,6 +114,24 @@ def choose_port(ports: Any) -> tuple[int | None, str | None]:
     return port, None
 
 
+def _endpoint_problem(ep: Any, where: str) -> str | None:
+    """Why an endpoint is skipped whole (its shape is wrong), or None."""
+    if not isinstance(ep, dict):
+        return f"{where} is not an object: {_quote(ep)}"
+    conditions = ep.get("conditions")
+    if conditions is not None and not isinstance(conditions, dict):
+        return f"{where}: conditions is not an object: {_quote(conditions)}"
+    ready = (conditions or {}).get("ready")
+    if ready is not None and not isinstance(ready, bool):
+        return f"{where}: conditions.ready is not a boolean: {_quote(ready)}"
+    addresses = ep.get("addresses")
+    if not isinstance(addresses, list) or not addresses:
+        return f"{where}: addresses is not a non-empty list: {_quote(addresses)}"
+    if len(addresses) > MAX_ADDRESSES:
+        return f"{where}: {len(addresses)} addresses (more than {MAX_ADDRESSES})"
+    return None
+
+
 def parse_slice(obj: Any) -> tuple[ParsedSlice | None, list[str]]:
     """One EndpointSlice dict -> (its ready addresses, or None if skipped whole; reasons).
 
@@ -146,28 +164,14 @@ def parse_slice(obj: Any) -> tuple[ParsedSlice | None, list[str]]:
     not_ready = 0
     for i, ep in enumerate(endpoints):
         where = f"{label}: endpoint {i}"
-        if not isinstance(ep, dict):
-            reasons.append(f"{where} is not an object: {_quote(ep)}")
+        problem = _endpoint_problem(ep, where)
+        if problem is not None:
+            reasons.append(problem)
             continue
-        conditions = ep.get("conditions")
-        if conditions is not None and not isinstance(conditions, dict):
-            reasons.append(f"{where}: conditions is not an object: {_quote(conditions)}")
-            continue
-        ready = (conditions or {}).get("ready")
-        if ready is not None and not isinstance(ready, bool):
-            reasons.append(f"{where}: conditions.ready is not a boolean: {_quote(ready)}")
-            continue
-        addresses = ep.get("addresses")
-        if not isinstance(addresses, list) or not addresses:
-            reasons.append(f"{where}: addresses is not a non-empty list: {_quote(addresses)}")
-            continue
-        if len(addresses) > MAX_ADDRESSES:
-            reasons.append(f"{where}: {len(addresses)} addresses (more than {MAX_ADDRESSES})")
-            continue
-        if ready is False:
+        if (ep.get("conditions") or {}).get("ready") is False:
             not_ready += 1
             continue
-        for text in addresses:
+        for text in ep["addresses"]:
             addr, why = _address(text, family, port)
             if addr is None:
                 reasons.append(f"{where}: {why}")

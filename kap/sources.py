@@ -150,6 +150,27 @@ def resolve_files(
     warning. The static-pod client certificate is kept even when it is not
     there yet: ``CredentialFiles`` logs it once and uses it when it appears.
     """
+    layers = _layers(explicit, kubeconfig, as_static_pod, static_pod_dir, readable, warnings)
+    creds, sources = resolve(layers)
+    if check is None:
+        return creds
+    drop = _unloadable(
+        creds, sources, check(creds), kubeconfig_text=kubeconfig_text, bad=bad, warnings=warnings
+    )
+    if drop:
+        creds, _ = resolve([attrs.evolve(layer, **drop) for layer in layers])
+    return creds
+
+
+def _layers(
+    explicit: Credentials,
+    kubeconfig: KubeconfigCredentials | None,
+    as_static_pod: bool,
+    static_pod_dir: str,
+    readable: Callable[[str], str | None],
+    warnings: list[str],
+) -> list[Credentials]:
+    """The sources in precedence order, the default files only where readable."""
     layers = [explicit]
     if kubeconfig is not None:
         layers.append(kubeconfig.credentials)
@@ -165,10 +186,19 @@ def resolve_files(
         n: None for n in ("ca_file", "token_file") if readable(getattr(account, n)) is not None
     }
     layers.append(attrs.evolve(account, **unreadable))
-    creds, sources = resolve(layers)
-    if check is None:
-        return creds
-    problems = check(creds)
+    return layers
+
+
+def _unloadable(
+    creds: Credentials,
+    sources: dict[str, str],
+    problems: Mapping[str, str],
+    *,
+    kubeconfig_text: str | None,
+    bad: Callable[[str, str], None],
+    warnings: list[str],
+) -> dict[str, Any]:
+    """Report the files that do not load, by source; return the attributes to go without."""
     drop: dict[str, Any] = {}
     for field, source in sources.items():
         why = problems.get(_FIELD_FLAGS[field])
@@ -186,6 +216,4 @@ def resolve_files(
             who = "static-pod mode" if source == STATIC_POD else "ServiceAccount"
             warnings.append(f"{who}: {paths} cannot be used ({why}); going without it")
             drop.update(dict.fromkeys(attributes))
-    if drop:
-        creds, _ = resolve([attrs.evolve(layer, **drop) for layer in layers])
-    return creds
+    return drop

@@ -1,7 +1,7 @@
 """Fixtures shared by every kap test: a test PKI, free ports, fake apiservers.
 
-The fake apiserver itself lives in ``fakeapi.py`` (importable as ``fakeapi``
-from any test, since pytest puts this directory on ``sys.path``).
+The fake apiserver itself is the package ``fakeapi/`` (importable as
+``fakeapi`` from any test, since pytest puts this directory on ``sys.path``).
 """
 
 from __future__ import annotations

@@ -110,6 +110,25 @@ def test_the_nursery_tree_names_modules_that_exist() -> None:
         assert (ROOT / "kap" / f"{module}.py").exists(), module
 
 
+def test_the_module_map_lists_every_module_once() -> None:
+    """docs/development.md's "Layout of the code": one line per module of kap/, none stale."""
+    block = page("development.md").split("```text\n", 1)[1].split("```", 1)[0]
+    listed: list[str] = []
+    folder = ""
+    for line in block.splitlines():
+        indent, name = len(line) - len(line.lstrip()), line.split()[0]
+        if indent == 0:
+            folder = name
+        elif name.endswith("/"):
+            folder = "kap/" + name
+        elif name.endswith(".py") and folder.startswith("kap/"):
+            listed.append(("kap/" if indent == 2 else folder) + name)
+    actual = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "kap").rglob("*.py") if p.name != "__init__.py"
+    )
+    assert sorted(listed) == actual
+
+
 def test_the_upstreams_example_has_exactly_the_reported_fields() -> None:
     section = page("monitoring.md").split("`/upstreams`:", 1)[1]
     example = re.search(r"```json\n(.*?)```", section, re.S)

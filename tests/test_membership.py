@@ -55,7 +55,11 @@ async def test_only_the_newest_of_queued_sets_is_applied(
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
     assert pool.addresses(SOURCE_DISCOVERY) == [C, D]
-    assert [c.address for c in seen] == [C, D]  # A and B never joined
+    added, discovered = ChangeKind.ADDED, ChangeKind.DISCOVERED
+    # A and B never joined; each member of the applied set is also DISCOVERED.
+    assert [(c.address, c.kind) for c in seen] == [
+        (C, added), (D, added), (C, discovered), (D, discovered)
+    ]  # fmt: skip
     assert json.loads(path.read_text()) == [str(C), str(D)]
 
 

@@ -26,9 +26,10 @@ from test_monitoring import promtool  # noqa: F401  -- the fixture
 from kap.address import Address
 from kap.certinfo import earliest_not_after, leaf_not_after
 from kap.credentials import CredentialFiles
+from kap.metrics import metrics_registry, metrics_text
 from kap.pool import Pool
 from kap.probe_results import PingOutcome, ProbeOutcome, classify, classify_ping
-from kap.report import Counters, metrics_registry, metrics_text
+from kap.report import Counters
 from kap.sources import Credentials
 
 OK, REFUSED, UNAUTH = ProbeOutcome.OK, ProbeOutcome.REFUSED, ProbeOutcome.UNAUTHENTICATED

@@ -15,7 +15,8 @@ from kap.config import Credentials
 from kap.credentials import CredentialFiles
 from kap.events import ChangeFeed
 from kap.pool import SOURCE_FLAG, Pool
-from kap.probe import Prober, ProbeScheduler
+from kap.probe import Prober
+from kap.probe_schedule import ProbeScheduler
 
 # One way: an apiserver behind the proxy is a 40 ms round trip away, as a
 # remote or cross-zone control plane is.

@@ -21,9 +21,11 @@ from kap.address import Address
 from kap.config import ConfigError, Credentials
 from kap.credentials import CredentialFiles
 from kap.events import ChangeFeed
+from kap.membership import Membership, open_sets_channel
 from kap.pool import SOURCE_FLAG, Pool
-from kap.probe import PING, READYZ, Prober, ProbeScheduler, next_check
+from kap.probe import Prober
 from kap.probe_h2 import ALPN_H2
+from kap.probe_schedule import PING, READYZ, ProbeScheduler, next_check
 
 PROTOCOL_ERROR = 1
 
@@ -260,6 +262,25 @@ async def test_a_poke_asks_for_a_readyz_at_once_in_the_fleet_setting(
     await trio.sleep(1.2)
     assert [t - start for t in a.probe_times["/readyz"]] == pytest.approx([0, 1.5])
     assert a.counts()["ping"] == 2  # t=1, and t=2.5 (the next tick after the poke)
+
+
+async def test_a_changed_slice_asks_for_a_readyz_at_once_in_the_fleet_setting(
+    nursery: trio.Nursery,
+    start_fake: StartFake,
+    pki: PkiFiles,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Discovery's new set reaches the scheduler as DISCOVERED: a /readyz of each member, now."""
+    a = await start_fake("a")
+    sched, address = scheduler(pki, a, readiness_interval=10.0)
+    discovered, sets = open_sets_channel()
+    membership = Membership(pool=sched.pool, changes=sched.changes, sets=sets)
+    await nursery.start(membership.run)
+    start = trio.current_time()
+    await run_until(nursery, sched, 1.5, lambda: discovered.send_nowait([address]))
+    await trio.sleep(1.2)
+    assert [t - start for t in a.probe_times["/readyz"]] == pytest.approx([0, 1.5])
+    assert a.counts()["ping"] == 2  # t=1, and t=2.5 (the next tick after the new set)
 
 
 async def test_a_readyz_500_leaves_rotation_within_the_readiness_interval_plus_one_interval(

@@ -13,7 +13,8 @@ import trio.testing
 from kap.address import Address
 from kap.events import Change, ChangeFeed, ChangeKind
 from kap.pool import SOURCE_FLAG, Pool
-from kap.probe import ProbeResult, ProbeScheduler, next_delay, open_budget
+from kap.probe import ProbeResult
+from kap.probe_schedule import ProbeScheduler, next_delay, open_budget
 from kap.upstream import fast_delay
 
 A, B, C = (Address(f"10.0.0.{i}", 6443) for i in range(1, 4))
