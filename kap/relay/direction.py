@@ -6,23 +6,8 @@ module moves bytes and ends sessions; it knows the pump that runs it only as a
 :class:`Host` (the shared buffer, the pipe pool, the counters, the ready list
 and ``detach``), so it does not import kap/relay/pump.py.
 
-A direction's state is three named values instead of a row of flags:
-
-- ``phase``: DIALING (its source is an upstream still connecting; the down
-  direction only) -> OPEN (reading) -> EOF (its source gave EOF: the
-  destination is shut down once the held bytes are out) -> DONE (the
-  destination is shut down for writing).
-- ``edge``: what edge-triggered epoll last said of the source. READABLE is set
-  by an event and cleared (IDLE) only by EAGAIN or by a short read (a TCP
-  receive queue that gave less than asked is empty, and any byte or FIN that
-  arrives later raises a new edge). HANGUP is READABLE after a FIN/HUP/ERR
-  edge: read until 0 or an error, a short read proves nothing. (EAGAIN clears
-  HANGUP too: past a FIN a read gives 0, never EAGAIN, and any later event on
-  that socket carries the hang-up bits again, as epoll reports the whole
-  current state with each edge.)
-- ``mode``: COPY (``recv_into`` the shared buffer, then ``send``) or SPLICE
-  (through a pipe of the pool), switched by how full the reads are.
-
+A direction's state is three named values, ``phase``, ``edge`` and ``mode``
+(kap/relay/states.py holds them and the rules they keep).
 Besides those, ``queued`` says the direction is on the pump's ready list, and
 ``pending``/``pipe``/``in_pipe`` hold what the destination could not take yet.
 ``watch`` is the passive first-byte check's one flag on the read path (set
@@ -35,7 +20,6 @@ path needs no check.
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import os
 import socket
@@ -55,6 +39,18 @@ from kap.relay.outcome import (
     describe,
 )
 from kap.relay.pipes import Pipe, PipePool
+from kap.relay.states import (
+    COPY,
+    DONE,
+    EOF,
+    IDLE,
+    OPEN,
+    READABLE,
+    SPLICE,
+    Edge,
+    Mode,
+    Phase,
+)
 
 # 256 KiB: reads of 256 KiB or more make Python's per-call cost negligible for
 # bulk transfers (measured when the pump was designed). A read that fills the
@@ -81,35 +77,6 @@ _SPLICE_UNSUPPORTED: Final = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.EN
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
-class Phase(enum.Enum):
-    DIALING = "dialing"
-    OPEN = "open"
-    EOF = "eof"
-    DONE = "done"
-
-
-class Edge(enum.Enum):
-    IDLE = "idle"
-    READABLE = "readable"
-    HANGUP = "hangup"
-
-
-class Mode(enum.Enum):
-    COPY = "copy"
-    SPLICE = "splice"
-
-
-# Module-level names: the per-message path reads these, not Enum attributes.
-DIALING: Final = Phase.DIALING
-OPEN: Final = Phase.OPEN
-EOF: Final = Phase.EOF
-DONE: Final = Phase.DONE
-IDLE: Final = Edge.IDLE
-READABLE: Final = Edge.READABLE
-HANGUP: Final = Edge.HANGUP
-COPY: Final = Mode.COPY
-SPLICE: Final = Mode.SPLICE
-
 # Which system call a step of Direction.pump made, for its one error handler;
 # the reads of src come last (op >= _RECV).
 _SEND: Final = 0  # a write of held bytes (pending or pipe) to dst
@@ -132,7 +99,7 @@ class Host(Protocol):
     ready: deque[Direction]  # directions with work, pumped in order
 
     def detach(self, session: Session, *, unregister: bool) -> None:
-        """Forget ``session`` (see ``Relay.detach``)."""
+        """Forget ``session`` (see ``Sessions.detach``, kap/relay/sessions.py)."""
 
     def expect_answer(self, session: Session) -> None:
         """``session``'s client sent its first bytes; its upstream has sent nothing."""

@@ -30,6 +30,8 @@ The rules that keep the pump honest:
    session is unregistered at once). On an error it sets ``SO_LINGER(1, 0)`` on
    the other socket first so that close() sends RST and the reset reaches the
    other peer. When both ways have ended the last FIN is the caller's close().
+   Which socket is whose, and registering and forgetting sessions, is the
+   book kept in kap/relay/sessions.py.
 4. A connecting upstream (``relay(..., connect_by=...)``) is registered alone;
    its first EPOLLOUT edge without ERR/HUP means connected, and only then is
    the client registered, so no byte is read before there is somewhere to send
@@ -50,7 +52,6 @@ direction uses ``recv_into``/``send``.
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import os
 import select
@@ -60,18 +61,7 @@ from typing import Final
 import trio
 from loguru import logger
 
-from kap.relay.dials import AnswerDeadlines, DialDeadlines
-from kap.relay.direction import (
-    BUFFER_SIZE,
-    DIALING,
-    HANGUP,
-    IDLE,
-    OPEN,
-    READABLE,
-    SPLICE_AVAILABLE,
-    Direction,
-    Session,
-)
+from kap.relay.direction import BUFFER_SIZE, SPLICE_AVAILABLE, Direction, Session
 from kap.relay.outcome import (
     DialFailed,
     DialFailure,
@@ -81,6 +71,8 @@ from kap.relay.outcome import (
     Unanswered,
 )
 from kap.relay.pipes import PipePool
+from kap.relay.sessions import Sessions
+from kap.relay.states import DIALING, HANGUP, IDLE, OPEN, READABLE
 
 # Fairness and latency budget: the pump yields to trio after TURN_BYTES or
 # TURN_STEPS (events dispatched plus directions pumped; one direction moves at
@@ -94,19 +86,9 @@ TURN_STEPS: Final = 512
 # Events taken from the kernel per epoll_wait; more wait there for the next call.
 MAX_EVENTS: Final = 256
 
-_EPOLL_MASK: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _READ_EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _HANGUP_EVENTS: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITE_EVENTS: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-
-
-def _register(epoll: select.epoll, fd: int) -> None:
-    """Add ``fd`` to the pump's set; a socket that ended a session without being
-    closed (see ``Relay.detach``) is still in it, so modify that registration."""
-    try:
-        epoll.register(fd, _EPOLL_MASK)
-    except FileExistsError:
-        epoll.modify(fd, _EPOLL_MASK)
 
 
 def _socket_error(sock: socket.socket) -> int:
@@ -142,20 +124,27 @@ class Relay:
         self.bytes_up = 0
         self.bytes_down = 0
         self.bytes_spliced = 0
-        self.active = 0
         self.splice = splice
         self.buffer = bytearray(BUFFER_SIZE)
         self.view = memoryview(self.buffer)
         self.pipes = PipePool(min_size=BUFFER_SIZE)
         self.ready: collections.deque[Direction] = collections.deque()
         self._epoll: select.epoll | None = None
-        self._by_fd: dict[int, Direction] = {}  # fd -> the direction reading it
-        self._dials = DialDeadlines()
-        self._answers = None if answer_budget is None else AnswerDeadlines(answer_budget)
+        self._sessions = Sessions(self.ready, self.pipes, answer_budget)
+        self._by_fd = self._sessions.by_fd  # fd -> the direction reading it
+        self._answers = self._sessions.answers
+        # Sessions are the pump's business; they see it as a direction.Host.
+        self.expect_answer = self._sessions.expect_answer
+        self.answered = self._sessions.answered
+        self.detach = self._sessions.detach
+
+    @property
+    def active(self) -> int:
+        return self._sessions.active
 
     @property
     def dialing(self) -> int:
-        return self._dials.count
+        return self._sessions.dials.count
 
     @property
     def answer_budget(self) -> float | None:
@@ -193,10 +182,10 @@ class Relay:
         if self._epoll is not None:
             raise RuntimeError("Relay.run() is already running")
         epoll = select.epoll()
-        self._epoll = epoll
+        self._epoll = self._sessions.epoll = epoll
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._dials.run)
+                nursery.start_soon(self._sessions.dials.run)
                 if self._answers is not None:
                     nursery.start_soon(self._answers.run)
                 task_status.started()
@@ -254,37 +243,14 @@ class Relay:
             before ``trio.Cancelled`` propagates; the sockets stay open for the
             caller to close.
         """
-        epoll = self._epoll
-        if epoll is None:
+        if self._epoll is None:
             await trio.lowlevel.checkpoint()
             raise RelayNotRunningError("Relay.run() is not running")
         for sock in (client, upstream):
             if sock.gettimeout() != 0.0:
                 sock.setblocking(False)
         session = Session(self, client, upstream, tag)
-        up, down = session.up, session.down
-        if self._answers is not None:
-            up.watch = down.watch = True
-        if connect_by is not None:
-            # Only the upstream until it connects: its EPOLLOUT edge says so
-            # (_on_connect), and the client is registered then.
-            _register(epoll, down.src_fd)
-            down.phase = DIALING
-            self._by_fd[down.src_fd] = down
-            self._dials.add(session, connect_by)
-        else:
-            session.connected_at = trio.current_time()
-            _register(epoll, up.src_fd)
-            try:
-                _register(epoll, down.src_fd)
-            except BaseException:
-                epoll.unregister(up.src_fd)
-                raise
-            # Registration reports whatever is already readable (edge-triggered
-            # epoll checks readiness on EPOLL_CTL_ADD), so nothing is pumped here.
-            self._by_fd[up.src_fd] = up
-            self._by_fd[down.src_fd] = down
-        self.active += 1
+        self._sessions.add(session, connect_by)
         result: Outcome = await trio.lowlevel.wait_task_rescheduled(session.abort)
         return result
 
@@ -366,77 +332,18 @@ class Relay:
         if not mask & select.EPOLLOUT:
             return False  # not connected yet
         d.phase = OPEN
-        self._dials.discard(session)
-        session.connected_at = trio.current_time()
         try:
-            _register(self._epoll, d.dst_fd)  # type: ignore[arg-type]
+            self._sessions.connected(d)
         except Exception as e:
             logger.opt(exception=e).error("relay session failed")
             session.finish(Ending.BROKEN, None, f"relay error: {e!r}")
             return False
-        self._by_fd[d.dst_fd] = d.peer
         return True
 
-    # -- the first-byte check (Direction.watch) ------------------------------
-
-    def expect_answer(self, session: Session) -> None:
-        assert self._answers is not None
-        self._answers.add(session, trio.current_time())
-
-    def answered(self, session: Session) -> None:
-        if self._answers is not None:
-            self._answers.discard(session)
-
-    # -- session ends -------------------------------------------------------
-
-    def detach(self, session: Session, *, unregister: bool) -> None:
-        """Forget a session and give back its pipes; ``unregister`` its sockets too.
-
-        A session that ended by itself leaves its sockets in the epoll set:
-        the caller closes them next, and closing a socket removes it (two
-        epoll_ctl calls fewer per connection); events until then find no
-        session in ``_by_fd`` and are dropped. A cancelled session is
-        unregistered at once, since its caller may keep the sockets a while.
-        """
-        if session.finished:
-            return
-        session.finished = True
-        self.active -= 1
-        epoll = self._epoll if unregister else None
-        up, down = session.up, session.down
-        # A session still connecting has only the upstream registered.
-        dialing = down.phase is DIALING
-        if dialing:
-            self._dials.discard(session)
-        if session.answer is not None and self._answers is not None:
-            self._answers.discard(session)
-        for d in (down,) if dialing else (up, down):
-            self._by_fd.pop(d.src_fd, None)
-            if epoll is not None:
-                # ENOENT/EBADF if the caller closed a socket while relaying:
-                # its registration is gone with it.
-                with contextlib.suppress(OSError):
-                    epoll.unregister(d.src_fd)
-        for d in (up, down):
-            d.release_pipe(self.pipes)
-            d.pending = None
-            if d.queued:
-                d.queued = False
-                self.ready.remove(d)
-            # Break the session <-> direction cycles, so the session, its
-            # sockets and the caller's objects go by reference counting rather
-            # than by the cyclic GC (measured: ~10 objects per connection).
-            d.session = d.peer = None  # type: ignore[assignment]
-
     def _stop(self) -> None:
-        sessions = {d.session for d in self._by_fd.values()}
-        for session in sessions:
-            session.finish(Ending.STOPPED, None, "relay stopped")
+        self._sessions.stop()
         self.ready.clear()
-        self._dials.clear()
-        if self._answers is not None:
-            self._answers.clear()
         self.pipes.close()
         if self._epoll is not None:
             self._epoll.close()
-            self._epoll = None
+            self._epoll = self._sessions.epoll = None
