@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import select
+from typing import Final
 
 import trio
 
@@ -31,7 +32,7 @@ from kap.relay.outcome import Ending
 from kap.relay.pipes import PipePool
 from kap.relay.states import DIALING
 
-_EPOLL_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_EPOLL_MASK: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
 
 def _register(epoll: select.epoll, fd: int) -> None:
