@@ -1,9 +1,7 @@
-"""Flags, durations and addresses: tables of good and bad input (no I/O)."""
+"""The whole configuration: flags, env and files into one Config (no I/O)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import types
 import typing
 from collections.abc import Callable
@@ -14,16 +12,13 @@ import attrs
 import click
 import pytest
 from click.testing import CliRunner
-from hypothesis import given
-from hypothesis import strategies as st
 
-from kap.address import Address, AddressError, parse_list
+from kap.address import Address
 from kap.cli import config_from_flags, with_kap_options
 from kap.config import Config, ConfigError, Credentials, parse_config, parse_option
-from kap.durations import DurationError, format_duration, parse_duration
 from kap.kinds import Disk
 from kap.kubeconfig import KubeconfigCredentials
-from kap.options import BEGIN, END, OPTION_BY_NAME, OPTIONS, STATIC_POD_DIR, markdown_table
+from kap.options import OPTION_BY_NAME, OPTIONS, STATIC_POD_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,100 +33,6 @@ def readable_none(path: str) -> str | None:
 
 def parse(environ: dict[str, str] | None = None, readable=readable_none, **values: str):  # type: ignore[no-untyped-def]
     return parse_config(values, environ=environ or {}, readable=readable)
-
-
-# ---- durations ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("0", 0.0),
-        ("100ms", 0.1),
-        ("5s", 5.0),
-        ("1m30s", 90.0),
-        ("1h", 3600.0),
-        ("1.5s", 1.5),
-        ("250us", 250e-6),
-        ("250µs", 250e-6),
-        ("10ns", 10e-9),
-        ("2h45m", 9900.0),
-        ("+3s", 3.0),
-        (".5s", 0.5),
-    ],
-)
-def test_go_durations_parse(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("text", ["", "5", "s", "5x", "-1s", "1s 2s", "1.2.3s", "ms", "1m30"])
-def test_bad_durations_are_rejected(text: str) -> None:
-    with pytest.raises(DurationError):
-        parse_duration(text)
-
-
-@given(st.floats(1e-6, 1e6))
-def test_format_duration_round_trips(seconds: float) -> None:
-    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, rel=1e-5)
-
-
-# ---- addresses ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "host", "port", "rendered"),
-    [
-        ("10.0.0.1:6443", "10.0.0.1", 6443, "10.0.0.1:6443"),
-        (" 10.0.0.1:6443 ", "10.0.0.1", 6443, "10.0.0.1:6443"),
-        ("[fd00::1]:6443", "fd00::1", 6443, "[fd00::1]:6443"),
-        ("[FD00:0::1]:443", "fd00::1", 443, "[fd00::1]:443"),
-        ("api.example.com:443", "api.example.com", 443, "api.example.com:443"),
-        ("API.Example.COM.:443", "api.example.com", 443, "api.example.com:443"),
-        ("localhost:1", "localhost", 1, "localhost:1"),
-    ],
-)
-def test_addresses_parse_and_render(text: str, host: str, port: int, rendered: str) -> None:
-    a = Address.parse(text)
-    assert (a.host, a.port, str(a)) == (host, port, rendered)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "",
-        "10.0.0.1",
-        "10.0.0.1:",
-        ":6443",
-        "10.0.0.1:0",
-        "10.0.0.1:65536",
-        "10.0.0.1:http",
-        "fd00::1:6443",
-        "[fd00::1]",
-        "[10.0.0.1]:6443",
-        "[nothex]:1",
-        "bad_host:1",
-        "-bad.host:1",
-        "300.1.1.1:6443",
-    ],
-)
-def test_bad_addresses_are_rejected_with_a_reason(text: str) -> None:
-    with pytest.raises(AddressError) as err:
-        Address.parse(text)
-    assert str(err.value)
-    assert "\n" not in str(err.value)
-
-
-@given(st.ip_addresses(), st.integers(1, 65535))
-def test_ip_addresses_round_trip(ip: object, port: int) -> None:
-    a = Address.from_ip(str(ip), port)
-    assert Address.parse(str(a)) == a
-
-
-def test_address_lists_skip_blanks_and_duplicates() -> None:
-    assert parse_list(" 10.0.0.1:1, ,10.0.0.2:2,10.0.0.1:1,") == [
-        Address("10.0.0.1", 1),
-        Address("10.0.0.2", 2),
-    ]
 
 
 # ---- the whole configuration ----------------------------------------------------
@@ -157,13 +58,6 @@ def test_defaults_match_the_seed() -> None:
     assert c.credentials == Credentials()  # no ServiceAccount files here
     assert c.default_service is None
     assert c.discovery is True and c.as_static_pod is False
-
-
-def test_every_option_has_a_flag_an_env_var_and_help() -> None:
-    names = [o.name for o in OPTIONS]
-    assert len(names) == len(set(names))
-    for o in OPTIONS:
-        assert o.flags[0].startswith("--") and o.env.isupper() and o.help
 
 
 @pytest.mark.parametrize(
@@ -586,27 +480,3 @@ def test_with_kap_options_takes_every_flag_its_env_var_and_no_discovery() -> Non
     out = runner.invoke(command, ["--dial-timeout", "3"], env={})
     assert out.exit_code == 2
     assert "invalid --dial-timeout (env DIAL_TIMEOUT): " in out.output
-
-
-def page_table() -> str:
-    page = (ROOT / "docs" / "configuration.md").read_text()
-    return page.split(BEGIN + "\n", 1)[1].split(END, 1)[0]
-
-
-def test_the_configuration_page_has_the_generated_table() -> None:
-    assert page_table() == markdown_table(), (
-        "run: python -m kap.options --update docs/configuration.md"
-    )
-
-
-def test_python_m_kap_options_markdown_prints_the_pages_table() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "kap.options", "--markdown"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        cwd=ROOT,
-    )
-    assert out.stdout == page_table()
-    assert out.stdout.count("\n") == len(OPTIONS) + 2
