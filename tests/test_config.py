@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,12 @@ import attrs
 import click
 import pytest
 from click.testing import CliRunner
+from test_sources import KC, kubeconfig_of
 
 from kap.address import Address
 from kap.cli import config_from_flags, with_kap_options
 from kap.config import Config, ConfigError, Credentials, parse_config, parse_option
 from kap.kinds import Disk
-from kap.kubeconfig import KubeconfigCredentials
 from kap.options import OPTION_BY_NAME, OPTIONS, STATIC_POD_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,82 +183,7 @@ def test_static_pod_mode_keeps_a_missing_client_certificate_for_when_it_appears(
     assert len(c.warnings) == 1 and "ca.crt" in c.warnings[0]
 
 
-# ---- one credential story: precedence, relative paths, files that load --------
-
-SA = "/var/run/secrets/kubernetes.io/serviceaccount"
-KC = Credentials(
-    ca_file="/kc/ca",
-    cert_file="/kc/crt",
-    key_file="/kc/key",
-    token_file="/kc/tok",
-    origin="kubeconfig",
-)
-
-
-def kubeconfig_of(
-    creds: Credentials, **more: object
-) -> Callable[[list[str]], KubeconfigCredentials]:
-    def load(paths: list[str]) -> KubeconfigCredentials:
-        loaded.append(paths)
-        fields: dict[str, object] = {"seed": None, "tls_server_name": None, "context": "ctx"}
-        fields.update(more)
-        return KubeconfigCredentials(credentials=creds, **fields)  # type: ignore[arg-type]
-
-    loaded: list[list[str]] = []
-    load.loaded = loaded  # type: ignore[attr-defined]
-    return load
-
-
-@pytest.mark.parametrize(
-    ("values", "kubeconfig", "want", "origin"),
-    [
-        # flags > kubeconfig, per field
-        (
-            {"ca_file": "/f/ca", "token_file": "/f/tok"},
-            KC,
-            ("/f/ca", "/kc/crt", "/kc/key", "/f/tok"),
-            "ca=flags,cert=kubeconfig,token=flags",
-        ),
-        ({}, KC, ("/kc/ca", "/kc/crt", "/kc/key", "/kc/tok"), "kubeconfig"),
-        # kubeconfig > static-pod > ServiceAccount
-        (
-            {"as_static_pod": "true", "static_pod_dir": "/sp"},
-            Credentials(token_file="/kc/tok", origin="kubeconfig"),
-            ("/sp/ca.crt", "/sp/cl.crt", "/sp/cl.key", "/kc/tok"),
-            "ca=static-pod,cert=static-pod,token=kubeconfig",
-        ),
-        (
-            {"as_static_pod": "true", "static_pod_dir": "/sp"},
-            None,
-            ("/sp/ca.crt", "/sp/cl.crt", "/sp/cl.key", f"{SA}/token"),
-            "ca=static-pod,cert=static-pod,token=serviceaccount",
-        ),
-        ({}, None, (f"{SA}/ca.crt", None, None, f"{SA}/token"), "serviceaccount"),
-        (
-            {"cert_file": "/f/crt", "key_file": "/f/key"},
-            None,
-            (f"{SA}/ca.crt", "/f/crt", "/f/key", f"{SA}/token"),
-            "ca=serviceaccount,cert=flags,token=serviceaccount",
-        ),
-    ],
-)
-def test_each_credential_field_comes_from_the_first_source_that_has_it(
-    values: dict[str, str],
-    kubeconfig: Credentials | None,
-    want: tuple[str | None, ...],
-    origin: str,
-) -> None:
-    if kubeconfig is not None:
-        values = {**values, "kubeconfig": "/kc/config"}
-    c = parse_config(
-        values,
-        environ={},
-        readable=readable_all,
-        load_kubeconfig=None if kubeconfig is None else kubeconfig_of(kubeconfig),
-    )
-    got = c.credentials
-    assert (got.ca_file, got.cert_file, got.key_file, got.token_file) == want
-    assert got.origin == origin
+# ---- credentials in the configuration: the kubeconfig's seed, relative paths ----
 
 
 def test_the_kubeconfig_gives_its_seed_and_tls_server_name_unless_the_flag_is_given() -> None:
@@ -302,58 +226,6 @@ def test_relative_paths_are_taken_against_the_working_directory() -> None:
     assert c.static_pod_dir == "/home/op/work/sp"
     assert c.fallback_file == "/home/op/work/state/fallback.json"
     assert load.loaded == [["/home/op/work/kc.yaml", "/home/op/other.yaml"]]  # type: ignore[attr-defined]
-
-
-def check_only(**problems: str) -> Callable[[Credentials], dict[str, str]]:
-    """A credential checker that finds ``problems`` (field -> why) whatever the files."""
-    return lambda creds: {k: v for k, v in problems.items() if getattr(creds, k) is not None}
-
-
-@pytest.mark.parametrize(
-    ("values", "problems", "flag", "env"),
-    [
-        ({"ca_file": "/ca"}, {"ca_file": "not a PEM CA bundle"}, "--ca-file", "CA_FILE"),
-        ({"token_file": "/t"}, {"token_file": "empty"}, "--token-file", "TOKEN_FILE"),
-        (
-            {"cert_file": "/c", "key_file": "/k"},
-            {"cert_file": "not a PEM certificate"},
-            "--cert-file",
-            "CERT_FILE",
-        ),
-        ({"kubeconfig": "/kc"}, {"ca_file": "not a PEM CA bundle"}, "--kubeconfig", "KUBECONFIG"),
-        ({"kubeconfig": "/kc"}, {"cert_file": "no key"}, "--kubeconfig", "KUBECONFIG"),
-    ],
-)
-def test_an_explicit_credential_file_that_does_not_load_is_one_line(
-    values: dict[str, str], problems: dict[str, str], flag: str, env: str
-) -> None:
-    with pytest.raises(ConfigError) as err:
-        parse_config(
-            values,
-            environ={},
-            readable=readable_all,
-            check=check_only(**problems),
-            load_kubeconfig=kubeconfig_of(KC),
-        )
-    assert len(err.value.problems) == 1, err.value.problems
-    line = err.value.problems[0]
-    assert line.startswith(f"invalid {flag} (env {env}): '/")  # the file, as given
-    assert next(iter(problems.values())) in line
-
-
-def test_default_files_that_do_not_load_are_dropped_with_a_warning() -> None:
-    c = parse_config({}, environ={}, readable=readable_all, check=check_only(ca_file="garbage"))
-    assert c.credentials == Credentials(token_file=f"{SA}/token", origin="serviceaccount")
-    assert len(c.warnings) == 1 and "ServiceAccount" in c.warnings[0]
-    # A static pod's client certificate that does not load yet is kept, silently:
-    # CredentialFiles logs it once and uses it once it loads.
-    c = parse_config(
-        {"as_static_pod": "true"},
-        environ={},
-        readable=lambda p: None if p.startswith(STATIC_POD_DIR) else "no",
-        check=check_only(cert_file="no such file"),
-    )
-    assert c.credentials.cert_file == f"{STATIC_POD_DIR}/cl.crt" and not c.warnings
 
 
 @pytest.mark.parametrize(
