@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from kap import status
-from kap.invocation import running_kap
+from kap.invocation import Invocation, kap_args, running_kap
+from kap.options import OPTION_BY_NAME
 
 
 def fake_proc(root: Path, argv: list[str], environ: dict[str, str] | None) -> Path:
@@ -49,3 +50,28 @@ def test_pid1_that_is_not_kap(tmp_path: Path, argv: list[str]) -> None:
 
 def test_no_proc_is_no_kap(tmp_path: Path) -> None:
     assert running_kap(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "args"),
+    [
+        (["kap", "--x"], ("--x",)),
+        (["/opt/kap/bin/kap"], ()),
+        (["/usr/bin/python3", "/opt/kap/bin/kap", "check"], ("check",)),
+        (["python3", "-m", "kap", "status"], ("status",)),
+        (["python3", "-m", "kapx"], None),
+        (["sh", "-c", "x kap"], None),
+        (["a", "b", "c", "kap"], None),  # kap's name only among the first three
+        ([], None),
+    ],
+)
+def test_kap_args_are_what_follows_kaps_name(argv: list[str], args: tuple[str, ...] | None) -> None:
+    assert kap_args(argv) == args
+
+
+def test_a_switch_given_alone_is_true_and_a_value_after_double_dash_is_not_a_flag() -> None:
+    discovery = OPTION_BY_NAME["discovery"]
+    assert Invocation(("--discovery",), {}).setting(discovery) == "true"
+    assert Invocation(("--discovery=false",), {"DISCOVERY": "true"}).setting(discovery) == "false"
+    assert Invocation(("--", "--discovery"), {}).setting(discovery) is None
+    assert Invocation((), {"DISCOVERY": "off"}).setting(discovery) == "off"

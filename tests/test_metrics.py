@@ -1,11 +1,14 @@
-"""The metrics for what fails silently (issue 12, section 3).
+"""The metrics for what fails silently (issue 12, section 3), through kap's own parts.
 
-- probe results classified as ok, refused, unauthenticated, not_ready,
-  timeout, error (a table), and counted per upstream by a real probe;
+- probe results counted per upstream by a real probe, refusals told from
+  credentials not presented;
 - the expiry of the client and CA certificates in the TLS context kap uses
   (not the files on disk), and the problems list fed from it;
-- build info, ``process_*``, transitions, ``kap_discovery_up`` (absent when
-  discovery is off), all passing ``promtool check metrics``.
+- /readyz results and PINGs counted apart.
+
+The classification tables are in test_probe_results.py, the registry and
+``promtool check metrics`` in test_report.py, reading certificates in
+test_certinfo.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from test_monitoring import promtool  # noqa: F401  -- the fixture
 
 from kap.probe_results import PingOutcome, ProbeOutcome, classify, classify_ping
 
