@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -9,9 +10,12 @@ import pytest
 from kap.check_report import (
     Credentials,
     DiscoveryFacts,
+    Row,
     UpstreamFacts,
     certificate_row,
     discovery_row,
+    exit_status,
+    render,
     upstream_row,
 )
 
@@ -95,3 +99,34 @@ def test_certificate_verdicts(what: str, days: float, ok: bool, says: str) -> No
     row = certificate_row(what, "/x", subject="CN=a", not_after_unix=now + days * 86400,
                           count=1, error=None, now_unix=now, fix="renew")  # fmt: skip
     assert (row.ok, row.fix is None) == (ok, ok) and says in row.detail, row
+
+
+# ---- output (no I/O) -------------------------------------------------------------
+
+GOOD = Row("upstream", "10.0.0.1:6443", True, "/readyz 200", data={"sources": ("flag",)})
+BAD = Row("discovery", "via 10.0.0.1:6443", False, "HTTP 403 " + "x" * 300, fix="grant RBAC")
+
+
+def test_the_table_lists_every_row_then_warnings_then_one_fix_line_per_failure() -> None:
+    out = render([GOOD, BAD], ["w1"], "table", "flags", "token")
+    lines = out.splitlines()
+    assert lines[0] == "settings: flags; credentials: token"
+    assert lines[1].split() == ["CHECK", "TARGET", "RESULT", "DETAIL"]
+    assert lines[2].split()[:3] == ["upstream", "10.0.0.1:6443", "ok"]
+    assert lines[3].split()[:3] == ["discovery", "via", "10.0.0.1:6443"] and "FAIL" in lines[3]
+    assert "x" * 300 not in out  # the detail is shortened in the table
+    assert lines[4:] == [
+        "warning: w1",
+        "fix discovery via 10.0.0.1:6443: grant RBAC",
+        "1 of 2 checks failed: kap would not work as it is",
+    ]
+    assert exit_status([GOOD, BAD]) == 1
+
+
+def test_wide_shows_sources_and_the_whole_detail_and_json_is_the_rows() -> None:
+    wide = render([GOOD, BAD], [], "wide", "flags", "token")
+    assert "SOURCES" in wide.splitlines()[1] and "x" * 300 in wide
+    doc = json.loads(render([GOOD], [], "json", "flags", "token"))
+    assert doc["ok"] is True and doc["checks"][0]["sources"] == ["flag"]
+    assert render([GOOD], [], "table", "s", "c").endswith("all 1 checks passed\n")
+    assert exit_status([GOOD]) == 0
