@@ -101,10 +101,11 @@ async def test_the_fallback_file_is_written_off_the_event_loop(tmp_path: Path) -
             await send.send([A])  # type: ignore[attr-defined]
             while A not in pool:  # the set is in the pool; the write is waiting in its thread
                 await trio.sleep(0.01)
-            for _ in range(5):
-                await trio.sleep(0.01)  # the loop runs while the write waits
+            # Every task is blocked, the writer's included: the loop itself is not.
+            await trio.testing.wait_all_tasks_blocked()
             # Unblock the write (it then fails on the FIFO: logged, and membership goes on).
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            # Opening for writing waits for the writer thread's open: no race with it.
+            writer = await trio.to_thread.run_sync(os.open, fifo, os.O_WRONLY)
             os.write(writer, b"[]")
             os.close(writer)
             m.fallback_file = None  # the next set must not wait on the FIFO again
