@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -125,12 +127,24 @@ async def test_save_writes_in_a_worker_thread_so_a_blocked_write_leaves_the_loop
         except OSError as e:  # a FIFO cannot be rewound: the caller logs it
             errors.append(e)
 
+    released = threading.Event()
+
+    def watchdog() -> None:
+        """Should the write block the loop itself, unblock it: the test then fails, not hangs."""
+        if not released.wait(10):
+            with contextlib.suppress(OSError):
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                os.write(writer, b"[]")
+                os.close(writer)
+
+    threading.Thread(target=watchdog, daemon=True).start()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(save)
             # Every task, the saver included, is blocked: the loop itself is not.
             await trio.testing.wait_all_tasks_blocked()
-            assert errors == []
+            released.set()
+            assert errors == []  # the write still waits
             # Opening for writing waits for the saver's open: no race with its thread.
             writer = await trio.to_thread.run_sync(os.open, fifo, os.O_WRONLY)
             os.write(writer, b"[]")

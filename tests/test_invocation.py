@@ -59,6 +59,7 @@ def test_no_proc_is_no_kap(tmp_path: Path) -> None:
         (["/opt/kap/bin/kap"], ()),
         (["/usr/bin/python3", "/opt/kap/bin/kap", "check"], ("check",)),
         (["python3", "-m", "kap", "status"], ("status",)),
+        (["python3", "-I", "-m", "kap", "status"], ("status",)),  # -m third, kap fourth
         (["python3", "-m", "kapx"], None),
         (["sh", "-c", "x kap"], None),
         (["a", "b", "c", "kap"], None),  # kap's name only among the first three
