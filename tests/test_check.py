@@ -13,92 +13,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trustme
 import yaml
 from click.testing import CliRunner
 from fakeapi import FakeApiServer, PkiFiles, SliceStore, endpoint_slice
-from kaptest import StartFake, make_config
+from kaptest import StartFake
 
 from kap import check
-from kap.check_report import (
-    Credentials,
-    DiscoveryFacts,
-    UpstreamFacts,
-    certificate_row,
-    discovery_row,
-    upstream_row,
-)
 from kap.cli import main
 from kap.config import OPTIONS
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "KUBECONFIG"))}
-TOKEN = Credentials(origin="flags", presented=True, kind="token")
-NONE = Credentials(origin="none", presented=False, kind="none")
 
 
 # ---- the verdicts (pure) -----------------------------------------------------------
-
-
-def facts(**fields: Any) -> UpstreamFacts:
-    base: dict[str, Any] = {
-        "address": "10.0.0.1:6443",
-        "sources": ("flag",),
-        "tls_name": "kubernetes.default.svc",
-        "connect_ms": 1.0,
-        "tls_ms": 3.0,
-        "status": 200,
-        "latency_ms": 2.0,
-    }
-    return UpstreamFacts(**(base | fields))
-
-
-@pytest.mark.parametrize(
-    ("upstream", "creds", "ok", "result", "says"),
-    [
-        (facts(), TOKEN, True, "ok", "/readyz 200 in 2.0ms (TCP 1.0ms, TLS verified as kubernetes"),
-        (facts(connect_ms=None, connect_error="Connection refused"), TOKEN, False,
-         "unreachable", "TCP connect failed: Connection refused"),
-        (facts(tls_ms=None, tls_error="certificate verify failed: unable to get local issuer "
-               "certificate"), TOKEN, False, "tls", "certificate verify failed"),
-        (facts(status=None, request_error="no answer within 1s"), TOKEN, False, "no-answer",
-         "GET /readyz: no answer within 1s"),
-        (facts(status=401), TOKEN, False, "refused", "credentials refused"),
-        (facts(status=403), TOKEN, False, "refused", "credentials refused"),
-        (facts(status=403), NONE, True, "alive", "kap presents no credentials"),
-        (facts(status=500, body="[+]ping ok\n[-]etcd failed: reason withheld\n"), TOKEN, False,
-         "not-ready", "not ready (etcd failed: reason withheld)"),
-        (facts(latency_ms=250.0), TOKEN, False, "slow", "slower than --health-timeout"),
-        (facts(status=404), TOKEN, False, "error", "unexpected answer"),
-    ],
-)  # fmt: skip
-def test_upstream_verdicts(
-    upstream: UpstreamFacts, creds: Credentials, ok: bool, result: str, says: str
-) -> None:
-    row = upstream_row(upstream, creds, health_timeout=0.1)
-    assert (row.ok, row.data["result"]) == (ok, result)
-    assert says in row.detail
-    assert (row.fix is None) == ok
-
-
-@pytest.mark.parametrize(
-    ("discovery", "ok", "says"),
-    [
-        (DiscoveryFacts(on_purpose_off=True), True, "off on purpose"),
-        (DiscoveryFacts(off_reasons=(("no CA", "--ca-file"),)), False, "kap would turn it off"),
-        (DiscoveryFacts(), False, "no upstream answered"),
-        (DiscoveryFacts(via="a:1", status=200, addresses=("a:1", "b:1")), True, "a:1, b:1"),
-        (DiscoveryFacts(via="a:1", status=200), False, "no ready apiserver"),
-        (DiscoveryFacts(via="a:1", status=401), False, "credentials refused"),
-        (DiscoveryFacts(via="a:1", status=403, message="forbidden"), False, "RBAC"),
-        (DiscoveryFacts(via="a:1", status=500), False, "HTTP 500"),
-        (DiscoveryFacts(via="a:1", error="Connection refused"), False, "Connection refused"),
-    ],
-)
-def test_discovery_verdicts(discovery: DiscoveryFacts, ok: bool, says: str) -> None:
-    row = discovery_row(discovery, TOKEN, namespace="default", resource="endpointslices")
-    assert row.ok == ok and says in row.detail, row
 
 
 def test_check_help_lists_every_flag_of_kap() -> None:
@@ -280,22 +209,6 @@ async def test_the_client_certificates_subject_and_days_are_shown(
     assert "subject CN=system:kap," in out and "O=kap:nodes, expires in" in out
 
 
-@pytest.mark.parametrize(
-    ("what", "days", "ok", "says"),
-    [
-        ("cert", 365.0, True, "expires in 365 days"),
-        ("cert", 3.0, False, "expires in 3 days"),
-        ("cert", -1.0, False, "expired"),
-        ("ca", 3.0, True, "expires in 3 days"),  # a CA about to expire is the cluster's matter
-    ],
-)
-def test_certificate_verdicts(what: str, days: float, ok: bool, says: str) -> None:
-    now = 1_800_000_000.0
-    row = certificate_row(what, "/x", subject="CN=a", not_after_unix=now + days * 86400,
-                          count=1, error=None, now_unix=now, fix="renew")  # fmt: skip
-    assert (row.ok, row.fix is None) == (ok, ok) and says in row.detail, row
-
-
 # ---- the command: bad flags, PID 1's settings, black holes ----------------------------
 
 
@@ -411,26 +324,3 @@ async def test_black_holed_upstreams_end_within_the_budget(
 def _args(pki: PkiFiles, *upstreams: FakeApiServer | str) -> list[str]:
     values = flags(pki, *upstreams, discovery="false")
     return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
-
-
-async def test_the_overall_deadline_cuts_every_row_short(autojump_clock: Any) -> None:
-    """With a --dial-timeout beyond the overall deadline, the deadline ends the run, and
-    what did not finish is reported as out of time (trio's virtual clock)."""
-    from kap.address import Address
-    from kap.check_run import Reach, check_all
-    from kap.credentials import CredentialFiles
-    from kap.sources import Credentials as Files
-
-    with black_hole() as dropped:
-        address = Address.parse(dropped)
-        reach = Reach(CredentialFiles(Files()), "", dial_timeout=100.0, request_deadline=1.0)
-        found = await check_all(
-            {address: ["flag"]}, reach=reach, discover=False, service=None, deadline=3.0
-        )
-    assert trio.current_time() == 3.0
-    assert found.upstreams == {} and found.sources == {address: ["flag"]}
-    config = make_config(None, fallback_upstreams=dropped)
-    files = CredentialFiles(config.credentials)
-    rows = check.rows_for(config, found, check.credentials_of(files), ())
-    assert (rows[0].target, rows[0].ok) == (dropped, False)
-    assert rows[0].detail == f"TCP connect failed: {check.OUT_OF_TIME}"

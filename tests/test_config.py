@@ -1,12 +1,9 @@
-"""Flags, durations and addresses: tables of good and bad input (no I/O)."""
+"""The whole configuration: flags, env and files into one Config (no I/O)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +11,13 @@ import attrs
 import click
 import pytest
 from click.testing import CliRunner
-from hypothesis import given
-from hypothesis import strategies as st
+from test_sources import KC, kubeconfig_of
 
-from kap.address import Address, AddressError, parse_list
+from kap.address import Address
 from kap.cli import config_from_flags, with_kap_options
 from kap.config import Config, ConfigError, Credentials, parse_config, parse_option
-from kap.durations import DurationError, format_duration, parse_duration
 from kap.kinds import Disk
-from kap.kubeconfig import KubeconfigCredentials
-from kap.options import BEGIN, END, OPTION_BY_NAME, OPTIONS, STATIC_POD_DIR, markdown_table
+from kap.options import OPTION_BY_NAME, OPTIONS, STATIC_POD_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,100 +32,6 @@ def readable_none(path: str) -> str | None:
 
 def parse(environ: dict[str, str] | None = None, readable=readable_none, **values: str):  # type: ignore[no-untyped-def]
     return parse_config(values, environ=environ or {}, readable=readable)
-
-
-# ---- durations ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("0", 0.0),
-        ("100ms", 0.1),
-        ("5s", 5.0),
-        ("1m30s", 90.0),
-        ("1h", 3600.0),
-        ("1.5s", 1.5),
-        ("250us", 250e-6),
-        ("250µs", 250e-6),
-        ("10ns", 10e-9),
-        ("2h45m", 9900.0),
-        ("+3s", 3.0),
-        (".5s", 0.5),
-    ],
-)
-def test_go_durations_parse(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("text", ["", "5", "s", "5x", "-1s", "1s 2s", "1.2.3s", "ms", "1m30"])
-def test_bad_durations_are_rejected(text: str) -> None:
-    with pytest.raises(DurationError):
-        parse_duration(text)
-
-
-@given(st.floats(1e-6, 1e6))
-def test_format_duration_round_trips(seconds: float) -> None:
-    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, rel=1e-5)
-
-
-# ---- addresses ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "host", "port", "rendered"),
-    [
-        ("10.0.0.1:6443", "10.0.0.1", 6443, "10.0.0.1:6443"),
-        (" 10.0.0.1:6443 ", "10.0.0.1", 6443, "10.0.0.1:6443"),
-        ("[fd00::1]:6443", "fd00::1", 6443, "[fd00::1]:6443"),
-        ("[FD00:0::1]:443", "fd00::1", 443, "[fd00::1]:443"),
-        ("api.example.com:443", "api.example.com", 443, "api.example.com:443"),
-        ("API.Example.COM.:443", "api.example.com", 443, "api.example.com:443"),
-        ("localhost:1", "localhost", 1, "localhost:1"),
-    ],
-)
-def test_addresses_parse_and_render(text: str, host: str, port: int, rendered: str) -> None:
-    a = Address.parse(text)
-    assert (a.host, a.port, str(a)) == (host, port, rendered)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "",
-        "10.0.0.1",
-        "10.0.0.1:",
-        ":6443",
-        "10.0.0.1:0",
-        "10.0.0.1:65536",
-        "10.0.0.1:http",
-        "fd00::1:6443",
-        "[fd00::1]",
-        "[10.0.0.1]:6443",
-        "[nothex]:1",
-        "bad_host:1",
-        "-bad.host:1",
-        "300.1.1.1:6443",
-    ],
-)
-def test_bad_addresses_are_rejected_with_a_reason(text: str) -> None:
-    with pytest.raises(AddressError) as err:
-        Address.parse(text)
-    assert str(err.value)
-    assert "\n" not in str(err.value)
-
-
-@given(st.ip_addresses(), st.integers(1, 65535))
-def test_ip_addresses_round_trip(ip: object, port: int) -> None:
-    a = Address.from_ip(str(ip), port)
-    assert Address.parse(str(a)) == a
-
-
-def test_address_lists_skip_blanks_and_duplicates() -> None:
-    assert parse_list(" 10.0.0.1:1, ,10.0.0.2:2,10.0.0.1:1,") == [
-        Address("10.0.0.1", 1),
-        Address("10.0.0.2", 2),
-    ]
 
 
 # ---- the whole configuration ----------------------------------------------------
@@ -157,13 +57,6 @@ def test_defaults_match_the_seed() -> None:
     assert c.credentials == Credentials()  # no ServiceAccount files here
     assert c.default_service is None
     assert c.discovery is True and c.as_static_pod is False
-
-
-def test_every_option_has_a_flag_an_env_var_and_help() -> None:
-    names = [o.name for o in OPTIONS]
-    assert len(names) == len(set(names))
-    for o in OPTIONS:
-        assert o.flags[0].startswith("--") and o.env.isupper() and o.help
 
 
 @pytest.mark.parametrize(
@@ -290,82 +183,7 @@ def test_static_pod_mode_keeps_a_missing_client_certificate_for_when_it_appears(
     assert len(c.warnings) == 1 and "ca.crt" in c.warnings[0]
 
 
-# ---- one credential story: precedence, relative paths, files that load --------
-
-SA = "/var/run/secrets/kubernetes.io/serviceaccount"
-KC = Credentials(
-    ca_file="/kc/ca",
-    cert_file="/kc/crt",
-    key_file="/kc/key",
-    token_file="/kc/tok",
-    origin="kubeconfig",
-)
-
-
-def kubeconfig_of(
-    creds: Credentials, **more: object
-) -> Callable[[list[str]], KubeconfigCredentials]:
-    def load(paths: list[str]) -> KubeconfigCredentials:
-        loaded.append(paths)
-        fields: dict[str, object] = {"seed": None, "tls_server_name": None, "context": "ctx"}
-        fields.update(more)
-        return KubeconfigCredentials(credentials=creds, **fields)  # type: ignore[arg-type]
-
-    loaded: list[list[str]] = []
-    load.loaded = loaded  # type: ignore[attr-defined]
-    return load
-
-
-@pytest.mark.parametrize(
-    ("values", "kubeconfig", "want", "origin"),
-    [
-        # flags > kubeconfig, per field
-        (
-            {"ca_file": "/f/ca", "token_file": "/f/tok"},
-            KC,
-            ("/f/ca", "/kc/crt", "/kc/key", "/f/tok"),
-            "ca=flags,cert=kubeconfig,token=flags",
-        ),
-        ({}, KC, ("/kc/ca", "/kc/crt", "/kc/key", "/kc/tok"), "kubeconfig"),
-        # kubeconfig > static-pod > ServiceAccount
-        (
-            {"as_static_pod": "true", "static_pod_dir": "/sp"},
-            Credentials(token_file="/kc/tok", origin="kubeconfig"),
-            ("/sp/ca.crt", "/sp/cl.crt", "/sp/cl.key", "/kc/tok"),
-            "ca=static-pod,cert=static-pod,token=kubeconfig",
-        ),
-        (
-            {"as_static_pod": "true", "static_pod_dir": "/sp"},
-            None,
-            ("/sp/ca.crt", "/sp/cl.crt", "/sp/cl.key", f"{SA}/token"),
-            "ca=static-pod,cert=static-pod,token=serviceaccount",
-        ),
-        ({}, None, (f"{SA}/ca.crt", None, None, f"{SA}/token"), "serviceaccount"),
-        (
-            {"cert_file": "/f/crt", "key_file": "/f/key"},
-            None,
-            (f"{SA}/ca.crt", "/f/crt", "/f/key", f"{SA}/token"),
-            "ca=serviceaccount,cert=flags,token=serviceaccount",
-        ),
-    ],
-)
-def test_each_credential_field_comes_from_the_first_source_that_has_it(
-    values: dict[str, str],
-    kubeconfig: Credentials | None,
-    want: tuple[str | None, ...],
-    origin: str,
-) -> None:
-    if kubeconfig is not None:
-        values = {**values, "kubeconfig": "/kc/config"}
-    c = parse_config(
-        values,
-        environ={},
-        readable=readable_all,
-        load_kubeconfig=None if kubeconfig is None else kubeconfig_of(kubeconfig),
-    )
-    got = c.credentials
-    assert (got.ca_file, got.cert_file, got.key_file, got.token_file) == want
-    assert got.origin == origin
+# ---- credentials in the configuration: the kubeconfig's seed, relative paths ----
 
 
 def test_the_kubeconfig_gives_its_seed_and_tls_server_name_unless_the_flag_is_given() -> None:
@@ -408,58 +226,6 @@ def test_relative_paths_are_taken_against_the_working_directory() -> None:
     assert c.static_pod_dir == "/home/op/work/sp"
     assert c.fallback_file == "/home/op/work/state/fallback.json"
     assert load.loaded == [["/home/op/work/kc.yaml", "/home/op/other.yaml"]]  # type: ignore[attr-defined]
-
-
-def check_only(**problems: str) -> Callable[[Credentials], dict[str, str]]:
-    """A credential checker that finds ``problems`` (field -> why) whatever the files."""
-    return lambda creds: {k: v for k, v in problems.items() if getattr(creds, k) is not None}
-
-
-@pytest.mark.parametrize(
-    ("values", "problems", "flag", "env"),
-    [
-        ({"ca_file": "/ca"}, {"ca_file": "not a PEM CA bundle"}, "--ca-file", "CA_FILE"),
-        ({"token_file": "/t"}, {"token_file": "empty"}, "--token-file", "TOKEN_FILE"),
-        (
-            {"cert_file": "/c", "key_file": "/k"},
-            {"cert_file": "not a PEM certificate"},
-            "--cert-file",
-            "CERT_FILE",
-        ),
-        ({"kubeconfig": "/kc"}, {"ca_file": "not a PEM CA bundle"}, "--kubeconfig", "KUBECONFIG"),
-        ({"kubeconfig": "/kc"}, {"cert_file": "no key"}, "--kubeconfig", "KUBECONFIG"),
-    ],
-)
-def test_an_explicit_credential_file_that_does_not_load_is_one_line(
-    values: dict[str, str], problems: dict[str, str], flag: str, env: str
-) -> None:
-    with pytest.raises(ConfigError) as err:
-        parse_config(
-            values,
-            environ={},
-            readable=readable_all,
-            check=check_only(**problems),
-            load_kubeconfig=kubeconfig_of(KC),
-        )
-    assert len(err.value.problems) == 1, err.value.problems
-    line = err.value.problems[0]
-    assert line.startswith(f"invalid {flag} (env {env}): '/")  # the file, as given
-    assert next(iter(problems.values())) in line
-
-
-def test_default_files_that_do_not_load_are_dropped_with_a_warning() -> None:
-    c = parse_config({}, environ={}, readable=readable_all, check=check_only(ca_file="garbage"))
-    assert c.credentials == Credentials(token_file=f"{SA}/token", origin="serviceaccount")
-    assert len(c.warnings) == 1 and "ServiceAccount" in c.warnings[0]
-    # A static pod's client certificate that does not load yet is kept, silently:
-    # CredentialFiles logs it once and uses it once it loads.
-    c = parse_config(
-        {"as_static_pod": "true"},
-        environ={},
-        readable=lambda p: None if p.startswith(STATIC_POD_DIR) else "no",
-        check=check_only(cert_file="no such file"),
-    )
-    assert c.credentials.cert_file == f"{STATIC_POD_DIR}/cl.crt" and not c.warnings
 
 
 @pytest.mark.parametrize(
@@ -586,27 +352,3 @@ def test_with_kap_options_takes_every_flag_its_env_var_and_no_discovery() -> Non
     out = runner.invoke(command, ["--dial-timeout", "3"], env={})
     assert out.exit_code == 2
     assert "invalid --dial-timeout (env DIAL_TIMEOUT): " in out.output
-
-
-def page_table() -> str:
-    page = (ROOT / "docs" / "configuration.md").read_text()
-    return page.split(BEGIN + "\n", 1)[1].split(END, 1)[0]
-
-
-def test_the_configuration_page_has_the_generated_table() -> None:
-    assert page_table() == markdown_table(), (
-        "run: python -m kap.options --update docs/configuration.md"
-    )
-
-
-def test_python_m_kap_options_markdown_prints_the_pages_table() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "kap.options", "--markdown"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        cwd=ROOT,
-    )
-    assert out.stdout == page_table()
-    assert out.stdout.count("\n") == len(OPTIONS) + 2

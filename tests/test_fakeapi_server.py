@@ -12,6 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 import trio
+import trio.testing
 from fakeapi import FakeApiServer, PkiFiles
 from fakeapitest import client, eventually, who
 
@@ -66,8 +67,9 @@ async def test_close_mode_drops_the_connection_without_answering(
 
 
 async def test_mode_switches_at_run_time_and_probes_are_timed(
-    start_fake: Any, pki: PkiFiles
+    start_fake: Any, pki: PkiFiles, autojump_clock: trio.testing.MockClock
 ) -> None:
+    """Probe times are on trio's clock (virtual here, so the pause between them is exact)."""
     with trio.fail_after(10):
         fake = await start_fake("a")
         async with client(pki, fake) as http:
@@ -79,7 +81,7 @@ async def test_mode_switches_at_run_time_and_probes_are_timed(
             assert (await http.get("/readyz")).status_code == 200
         times = fake.probe_times["/readyz"]
         assert len(times) == 3
-        assert times[2] - times[1] >= 0.05
+        assert times[2] - times[1] == pytest.approx(0.05)
         assert fake.connections_total == 1  # keep-alive: one connection for three probes
 
 
@@ -175,7 +177,7 @@ async def test_raw_mode_echoes_when_the_first_bytes_are_not_who(start_fake: Any)
         stream = await trio.open_tcp_stream(*fake.address)
         async with stream:
             await stream.send_all(b"WH")  # a prefix of WHO: the fake waits for more
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # ... as it does now
             await stream.send_all(b"AT\n")
             assert await stream.receive_some(100) == b"WHAT\n"
             # Half-close: our FIN, then the fake finishes and sends its own.

@@ -609,7 +609,12 @@ def test_image_runs_on_a_read_only_root_and_stops_cleanly_on_sigterm(image: Imag
         addresses = [u["address"] for u in json.loads(body)["upstreams"]]
         assert "127.0.0.1:1" in addresses
         assert http_get(health, "/healthz")[0] == 200
-        time.sleep(1)  # a few probe rounds against the dead upstream
+        failures = 0
+        while failures < 2:  # a few probe rounds against the dead upstream
+            assert time.monotonic() < deadline and proc.poll() is None, "no probe failed"
+            (dead,) = json.loads(http_get(health, "/upstreams")[1])["upstreams"]
+            failures = dead["probe_failures_total"]
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=15)
     finally:

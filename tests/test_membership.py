@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import trio
@@ -98,6 +100,18 @@ async def test_the_fallback_file_is_written_off_the_event_loop(tmp_path: Path) -
     os.mkfifo(fifo)
     pool, feed = Pool(), ChangeFeed()
     m, send = membership(pool, feed)
+    released, fired = threading.Event(), threading.Event()
+
+    def watchdog() -> None:
+        """Should the write block the loop itself, unblock it: the test then fails, not hangs."""
+        if not released.wait(10):
+            fired.set()
+            with contextlib.suppress(OSError):
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                os.write(writer, b"[]")
+                os.close(writer)
+
+    threading.Thread(target=watchdog, daemon=True).start()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(m.run)
@@ -105,10 +119,13 @@ async def test_the_fallback_file_is_written_off_the_event_loop(tmp_path: Path) -
             await send.send([A])  # type: ignore[attr-defined]
             while A not in pool:  # the set is in the pool; the write is waiting in its thread
                 await trio.sleep(0.01)
-            for _ in range(5):
-                await trio.sleep(0.01)  # the loop runs while the write waits
+            # Every task is blocked, the writer's included: the loop itself is not.
+            await trio.testing.wait_all_tasks_blocked()
+            released.set()
+            assert not fired.is_set(), "the write blocked the event loop"
             # Unblock the write (it then fails on the FIFO: logged, and membership goes on).
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            # Opening for writing waits for the writer thread's open: no race with it.
+            writer = await trio.to_thread.run_sync(os.open, fifo, os.O_WRONLY)
             os.write(writer, b"[]")
             os.close(writer)
             m.fallback_file = None  # the next set must not wait on the FIFO again

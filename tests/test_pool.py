@@ -13,12 +13,6 @@ from kap.events import ChangeKind
 from kap.pool import SCORE_MAX, SCORE_MIN, SOURCE_DISCOVERY, SOURCE_FLAG, Pool
 from kap.upstream import (
     FLAP_WINDOW,
-    HOLD_BASE,
-    HOLD_MAX,
-    HYSTERESIS,
-    hold_down,
-    next_tier,
-    raw_tier,
 )
 
 A, B, C, D = (Address(f"10.0.0.{i}", 6443) for i in range(1, 5))
@@ -37,57 +31,6 @@ def ok(p: Pool, addr: Address, latency: float = 0.0005, now: float = 0.0) -> Non
 
 def fail(p: Pool, addr: Address, now: float = 0.0) -> None:
     p.record_probe(addr, ok=False, error="boom", now=now)
-
-
-@pytest.mark.parametrize(
-    ("latency", "tier"),
-    [
-        (0.0, 0),
-        (50e-6, 0),
-        (100e-6, 1),
-        (999e-6, 1),
-        (1e-3, 2),
-        (9.9e-3, 2),
-        (10e-3, 3),
-        (0.1, 4),
-        (0.99, 4),
-        (1.0, 5),
-        (30.0, 5),
-    ],
-)
-def test_raw_tier_uses_decade_thresholds(latency: float, tier: int) -> None:
-    assert raw_tier(latency) == tier
-
-
-@pytest.mark.parametrize(
-    ("current", "latency", "expected"),
-    [
-        (None, 1.05e-3, 2),  # the first measurement sets the raw tier
-        (1, 1.05e-3, 1),  # just past 1 ms: inside the dead band, stays
-        (1, 1.6e-3, 2),  # clearly past: moves
-        (2, 0.95e-3, 2),  # just under 1 ms: stays
-        (2, 0.6e-3, 1),  # clearly under: moves
-        (2, 20e-6, 0),  # big drop moves all the way
-        (0, 0.5, 4),  # big rise moves all the way
-        (3, 15e-3, 3),
-    ],
-)
-def test_tier_changes_only_clearly_past_a_boundary(
-    current: int | None, latency: float, expected: int
-) -> None:
-    assert next_tier(current, latency) == expected
-
-
-@given(st.integers(0, 5), st.floats(1e-7, 100.0))
-def test_tier_hysteresis_never_lands_further_than_the_raw_tier(current: int, lat: float) -> None:
-    new = next_tier(current, lat)
-    raw = raw_tier(lat)
-    # The new tier lies between the current one and the raw one.
-    assert min(current, raw) <= new <= max(current, raw)
-    # Far from any boundary, the raw tier wins.
-    assert next_tier(current, lat) == raw or any(
-        t / HYSTERESIS <= lat < t * HYSTERESIS for t in (100e-6, 1e-3, 10e-3, 100e-3, 1.0)
-    )
 
 
 # ---- scores ------------------------------------------------------------------
@@ -356,14 +299,6 @@ def test_drain_targets_unreachable_upstreams_with_clients_only() -> None:
 
 
 # ---- damping and stability -------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("falls", "hold"),
-    [(0, 0), (1, 0), (2, HOLD_BASE), (3, 2 * HOLD_BASE), (4, 4 * HOLD_BASE), (20, HOLD_MAX)],
-)
-def test_hold_down_doubles_per_fall_up_to_a_cap(falls: int, hold: float) -> None:
-    assert hold_down(falls) == hold
 
 
 def test_a_single_fall_recovers_as_soon_as_probes_pass() -> None:

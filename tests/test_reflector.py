@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
+import trio.testing
 from fakeapi import FakeApiServer, PkiFiles, SliceStore, endpoint_slice
 from kaptest import StartFake, wait_until
 
@@ -107,12 +108,15 @@ async def test_one_watch_while_it_is_live_and_nothing_is_relisted(
     pki: PkiFiles,
     free_port: int,
     slice_store: SliceStore,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     # A short --discover-period: today's poll would list and watch anew every 0.2 s.
     fake, w = await start(nursery, start_fake, pki, free_port, slice_store, period=0.2)
     for hosts in (("127.0.0.3",), ("127.0.0.3", "127.0.0.4"), ()):
         slice_store.put(kube_slice(free_port, HOST, *hosts))
         await wait_until(lambda hosts=hosts: len(w.status()["addresses"]) == 1 + len(hosts))  # type: ignore[misc]
+    # Nothing marks what must not happen (a re-list, a new watch): let time pass, on
+    # trio's virtual clock.
     await trio.sleep(2.0)  # ten periods, twenty bookmarks: the watch stays
     assert len(watches(fake)) == 1 and slice_store.watches_opened == 1
     assert lists(fake) == [

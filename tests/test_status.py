@@ -15,6 +15,7 @@ import trio
 import yaml
 from fakeapi import PkiFiles
 from kaptest import StartFake, kap_args, kap_process, make_config, start_kap, wait_until
+from test_invocation import fake_proc
 
 from kap import status
 from kap.invocation import Invocation, running_kap
@@ -212,47 +213,6 @@ def test_where_to_ask(
 def test_a_bad_address_is_a_value_error(bad: str) -> None:
     with pytest.raises(ValueError, match="expected host:port"):
         target(bad, None, no_pid1)
-
-
-def fake_proc(root: Path, argv: list[str], environ: dict[str, str] | None) -> Path:
-    """A directory that looks like /proc for PID 1."""
-    (root / "1").mkdir(parents=True)
-    (root / "1" / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
-    if environ is not None:
-        env = b"".join(f"{k}={v}".encode() + b"\0" for k, v in environ.items())
-        (root / "1" / "environ").write_bytes(env)
-    return root
-
-
-@pytest.mark.parametrize(
-    ("argv", "environ", "health_listen"),
-    [
-        # The image: ENTRYPOINT ["kap"], a console script run by the venv's python.
-        (["/opt/kap/bin/python", "/opt/kap/bin/kap", "--health-listen=:6480"], {}, ":6480"),
-        (["kap", "--health-listen", "127.0.0.1:1", "--health-listen", ":2"], {}, ":2"),
-        (["python3", "-m", "kap", "--log-level=debug"], {"HEALTH_LISTEN": ":3"}, ":3"),
-        (["kap", "--health-listen=:4"], {"HEALTH_LISTEN": ":3"}, ":4"),  # flag beats env
-        (["kap"], None, None),  # environ unreadable: the arguments still count
-        (["kap", "--", "--health-listen=:5"], {}, None),
-    ],
-)
-def test_pid1_that_is_kap(
-    tmp_path: Path, argv: list[str], environ: dict[str, str] | None, health_listen: str | None
-) -> None:
-    found = running_kap(fake_proc(tmp_path, argv, environ))
-    assert found is not None
-    assert found.setting(status.HEALTH_LISTEN) == health_listen
-
-
-@pytest.mark.parametrize(
-    "argv", [["/sbin/init"], ["/usr/lib/systemd/systemd", "--system"], ["sh", "-c", "x kap"]]
-)
-def test_pid1_that_is_not_kap(tmp_path: Path, argv: list[str]) -> None:
-    assert running_kap(fake_proc(tmp_path, argv, {"HEALTH_LISTEN": ":1"})) is None
-
-
-def test_no_proc_is_no_kap(tmp_path: Path) -> None:
-    assert running_kap(tmp_path) is None
 
 
 def manifest_container(name: str) -> dict[str, Any]:
