@@ -143,6 +143,14 @@ ROWS = (
                 unit="reqps",
             ),
             one(
+                "HTTP/2 PINGs",
+                "PINGs per second by result (ok, timeout, error): the checks between two "
+                "/readyz with --readiness-interval longer than --health-interval.",
+                rate("kap_upstream_pings_total", UPSTREAM, "instance, upstream, result"),
+                PER_UPSTREAM + " {{result}}",
+                unit="reqps",
+            ),
+            one(
                 "Transitions in 30 minutes",
                 "Changes between usable and unusable; above 6 is KapUpstreamFlapping.",
                 "sum by (instance, upstream) "
