@@ -11,14 +11,18 @@
     ├── ProbeScheduler.run          probe nursery: one jittered /readyz loop per upstream
     ├── App._housekeeping           drains of dead and removed upstreams, memory trim,
     │                               the problems log line
-    ├── EndpointSliceWatcher.run    discovery: list + watch default/kubernetes slices through
-    │                               one of the pool's best; each new set -> the channel
-    └── Proxy.run                   accept loop + forwarding nursery:
-                                    one task and cancel scope per client connection
+    ├── Proxy.run                   accept loop + forwarding nursery:
+    │                               one task and cancel scope per client connection
+    └── EndpointSliceWatcher.run    discovery: list + watch default/kubernetes slices through
+                                    one of the pool's best; each new set -> the channel
 
 Start order is the list's; kap accepts clients only once the pump, the health
-server and the first probes are running. ``Proxy.run`` returning (after a
-signal and the drain) ends everything else.
+server and the first probes are running. Discovery starts right after the
+listener: its stack (lightkube, httpx2, about 110 ms of imports) is imported
+in a worker thread meanwhile, so the event loop already serves clients, and
+``/metrics``' prometheus-client at the first scrape (docs/performance.md
+"Start-up"). ``Proxy.run`` returning (after a signal and the drain) ends
+everything else.
 
 What the pool changes (``kap.events.Change``) is published on one
 ``ChangeFeed`` by whoever asked the pool (probes, client dials, membership);
@@ -29,9 +33,11 @@ on. The app's part is wiring and the log: every change is one log line.
 from __future__ import annotations
 
 import gc
+import importlib
 import random
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -41,7 +47,6 @@ from kap.address import Address
 from kap.build import build_info
 from kap.config import Config
 from kap.credentials import NO_CA, CredentialFiles
-from kap.discovery import EndpointSliceWatcher
 from kap.events import Change, ChangeFeed, ChangeKind
 from kap.health import HealthServer
 from kap.membership import Membership, open_sets_channel
@@ -53,6 +58,11 @@ from kap.relay import Relay
 from kap.report import Counters, current_problems, metrics_registry, metrics_text, upstreams_json
 from kap.sockets import TcpOptions
 from kap.upstream import TIER_THRESHOLDS
+
+if TYPE_CHECKING:  # imported once the listener is up (the module docstring)
+    from prometheus_client import CollectorRegistry
+
+    from kap.discovery import EndpointSliceWatcher
 
 # How often housekeeping looks for dead upstreams to drain.
 HOUSEKEEPING_PERIOD = 1.0
@@ -133,14 +143,7 @@ class App:
             readiness_interval=c.readiness_interval,
         )
         if c.discovery:
-            self.discovery = EndpointSliceWatcher.from_config(
-                c,
-                pool=self.pool,
-                credentials=self.credentials,
-                on_update=discovered.send_nowait,
-                changes=self.changes,
-                rng=self.rng,
-            )
+            self._discovered = discovered  # to the watcher, built in _start_discovery
         else:
             discovered.close()  # membership then only expires removals
         self.counters = counters = Counters(
@@ -163,7 +166,13 @@ class App:
     def _health_server(self, counters: Counters) -> HealthServer:
         """The health endpoints, each a read of the pool and the counters."""
         c = self.config
-        registry = metrics_registry(self.pool, counters)
+        registry: list[CollectorRegistry] = []  # built at the first scrape
+
+        def metrics() -> bytes:
+            if not registry:
+                registry.append(metrics_registry(self.pool, counters))
+            return metrics_text(registry[0])
+
         return HealthServer(
             host=c.health_host,
             port=c.health_port,
@@ -174,10 +183,7 @@ class App:
                     "application/json",
                     upstreams_json(self.pool, counters, trio.current_time()),
                 ),
-                "/metrics": lambda: (
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    metrics_text(registry),
-                ),
+                "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics()),
             },
         )
 
@@ -231,10 +237,10 @@ class App:
                 )
             await root.start(self.probes.run)
             await root.start(self._housekeeping)
-            if self.discovery is not None:
-                await root.start(self.discovery.run)
             self._root = root
             proxy = await root.start(self._serve_clients)
+            if self._discovered is not None:
+                await self._start_discovery(root, self._discovered)
             bound = Bound(proxy=proxy, health=health)
             # Everything imported and built so far lives as long as kap: move it
             # out of the cyclic collector's reach, so a full collection triggered
@@ -259,6 +265,25 @@ class App:
             task_status.started(bound)
 
     _root: trio.Nursery | None = attrs.field(default=None, init=False)
+    _discovered: trio.MemorySendChannel[list[Address]] | None = attrs.field(
+        default=None, init=False
+    )
+
+    async def _start_discovery(
+        self, root: trio.Nursery, discovered: trio.MemorySendChannel[list[Address]]
+    ) -> None:
+        """Import the discovery stack in a worker thread (the loop keeps serving), start it."""
+        module = await trio.to_thread.run_sync(importlib.import_module, "kap.discovery")
+        watcher: EndpointSliceWatcher = module.EndpointSliceWatcher.from_config(
+            self.config,
+            pool=self.pool,
+            credentials=self.credentials,
+            on_update=discovered.send_nowait,
+            changes=self.changes,
+            rng=self.rng,
+        )
+        self.discovery = watcher
+        await root.start(watcher.run)
 
     async def _serve_clients(
         self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED

@@ -20,11 +20,9 @@ import trio
 
 from kap import logs
 from kap.build import build_info
-from kap.check import command as check_command
 from kap.config import Config, ConfigError, parse_config
 from kap.credentials import check_files
 from kap.options import OPTIONS, Option
-from kap.status import command as status_command
 
 
 def readable(path: str) -> str | None:
@@ -147,6 +145,39 @@ def _command() -> click.Command:
     )(func)
 
 
+def _status_command() -> click.Command:
+    from kap.status import command
+
+    return command
+
+
+def _check_command() -> click.Command:
+    from kap.check import command
+
+    return command(with_kap_options)
+
+
+class _LazyGroup(click.Group):
+    """A group whose subcommands are imported when named (or listed by ``--help``).
+
+    ``kap check`` pulls in the discovery stack and ``kap status`` its own
+    client: about 180 ms of imports a balancer's start does not need
+    (``python -X importtime -m kap --help``, docs/performance.md "Start-up").
+    """
+
+    def __init__(self, lazy: dict[str, Callable[[], click.Command]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            self.add_command(self.lazy[cmd_name](), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
 def _with_subcommands(balancer: click.Command) -> click.Group:
     """``kap FLAGS`` runs the balancer as ever; ``kap status ...`` and later commands are
     subcommands. The group takes the balancer's flags, help and callback unchanged, so
@@ -159,9 +190,9 @@ def _with_subcommands(balancer: click.Command) -> click.Group:
         if click.get_current_context().invoked_subcommand is None:
             run_balancer(**values)
 
-    return click.Group(
+    return _LazyGroup(
+        {"status": _status_command, "check": _check_command},
         name=balancer.name,
-        commands=[status_command, check_command(with_kap_options)],
         invoke_without_command=True,
         params=balancer.params,
         callback=callback,
