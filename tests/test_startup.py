@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from fakeapi import PkiFiles
 
 # Imported later: at discovery's start, the first /metrics scrape, or by a subcommand.
 LAZY = (
@@ -73,3 +74,21 @@ def test_subcommands_load_when_named(sub: str, module: str) -> None:
         f"try:\n main(['{sub}', '--help'])\nexcept SystemExit as e:\n assert e.code == 0, e.code"
     )
     assert module in imported_by(code)
+
+
+def test_certificates_are_parsed_at_the_first_ask_for_their_expiry(pki: PkiFiles) -> None:
+    """Loading the TLS context reads the files; cryptography waits for the expiry's reader."""
+    files = (
+        f"Credentials(ca_file={str(pki.ca_file)!r}, cert_file={str(pki.client_cert_file)!r},"
+        f" key_file={str(pki.client_key_file)!r})"
+    )
+    code = (
+        "import sys\n"
+        "from kap.credentials import CredentialFiles\n"
+        "from kap.sources import Credentials\n"
+        f"c = CredentialFiles({files})\n"
+        "c.probe_ssl_context()\n"
+        "assert 'cryptography' not in sys.modules\n"
+        "assert c.ca_not_after is not None and c.client_cert_not_after is not None\n"
+    )
+    assert "cryptography" in imported_by(code)
