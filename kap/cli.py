@@ -157,25 +157,32 @@ def _check_command() -> click.Command:
     return command(with_kap_options)
 
 
+# The subcommands, imported when named: ``kap check`` pulls in the discovery
+# stack and ``kap status`` its own client, about 180 ms of imports a
+# balancer's start does not need (docs/performance.md "Start-up"). Their
+# one-line help is here so that ``kap --help`` imports neither
+# (tests/test_startup.py checks it is each command's own).
+SUBCOMMANDS: dict[str, tuple[Callable[[], click.Command], str]] = {
+    "check": (_check_command, "Check that kap would work here, with these flags (binds no port)."),
+    "status": (_status_command, "Show what a running kap is doing (its /upstreams)."),
+}
+
+
 class _LazyGroup(click.Group):
-    """A group whose subcommands are imported when named (or listed by ``--help``).
-
-    ``kap check`` pulls in the discovery stack and ``kap status`` its own
-    client: about 180 ms of imports a balancer's start does not need
-    (``python -X importtime -m kap --help``, docs/performance.md "Start-up").
-    """
-
-    def __init__(self, lazy: dict[str, Callable[[], click.Command]], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.lazy = lazy
+    """A group whose ``SUBCOMMANDS`` are imported when named."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy})
+        return sorted({*super().list_commands(ctx), *SUBCOMMANDS})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.lazy and cmd_name not in self.commands:
-            self.add_command(self.lazy[cmd_name](), cmd_name)
+        if cmd_name in SUBCOMMANDS and cmd_name not in self.commands:
+            self.add_command(SUBCOMMANDS[cmd_name][0](), cmd_name)
         return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, short) for name, (_, short) in sorted(SUBCOMMANDS.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 def _with_subcommands(balancer: click.Command) -> click.Group:
@@ -191,7 +198,6 @@ def _with_subcommands(balancer: click.Command) -> click.Group:
             run_balancer(**values)
 
     return _LazyGroup(
-        {"status": _status_command, "check": _check_command},
         name=balancer.name,
         invoke_without_command=True,
         params=balancer.params,

@@ -13,8 +13,11 @@ import json
 import subprocess
 import sys
 
+import click
 import pytest
 from fakeapi import PkiFiles
+
+from kap.cli import SUBCOMMANDS, main
 
 # Imported later: at discovery's start, the first /metrics scrape, or by a subcommand.
 LAZY = (
@@ -45,13 +48,17 @@ def imported_by(code: str) -> set[str]:
     return set(json.loads(out.stdout.splitlines()[-1]))
 
 
-@pytest.mark.parametrize("code", ["import kap.cli", "import kap.app", "import kap.__main__"])
+def run_main(*argv: str) -> str:
+    return (
+        f"import sys\nsys.argv = ['kap', *{argv!r}]\n"
+        "try:\n import kap.__main__\nexcept SystemExit as e:\n assert e.code == 0, e.code"
+    )
+
+
+@pytest.mark.parametrize(
+    "code", ["import kap.cli", "import kap.app", run_main("--version"), run_main("--help")]
+)
 def test_balancer_start_imports_no_lazy_module(code: str) -> None:
-    if code == "import kap.__main__":
-        code = (
-            "import sys\nsys.argv = ['kap', '--version']\n"
-            "try:\n import kap.__main__\nexcept SystemExit:\n pass"
-        )
     assert imported_by(code) & set(LAZY) == set()
 
 
@@ -74,6 +81,16 @@ def test_subcommands_load_when_named(sub: str, module: str) -> None:
         f"try:\n main(['{sub}', '--help'])\nexcept SystemExit as e:\n assert e.code == 0, e.code"
     )
     assert module in imported_by(code)
+
+
+def test_help_lists_each_subcommand_with_its_own_short_help() -> None:
+    group = main
+    assert isinstance(group, click.Group)
+    ctx = click.Context(group)
+    for name, (_, short) in SUBCOMMANDS.items():
+        command = group.get_command(ctx, name)
+        assert command is not None and command.get_short_help_str(limit=100) == short
+    assert group.list_commands(ctx) == sorted(SUBCOMMANDS)
 
 
 def test_certificates_are_parsed_at_the_first_ask_for_their_expiry(pki: PkiFiles) -> None:
