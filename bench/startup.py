@@ -9,8 +9,9 @@ test: three fallback upstreams, verified HTTPS probes, ``--no-discovery``):
   server and the first probes run, so this is the whole start.
 * **CPU**: the kap process's utime + stime at that moment (``/proc/<pid>/stat``,
   10 ms ticks), which a loaded machine inflates far less than wall time.
-* **RSS**: ``VmRSS`` after ``--settle`` seconds more, when everything kap
-  imports after the listener is up has been imported too.
+* **RSS**: ``VmRSS`` after ``--settle`` seconds more (what kap imports once
+  it serves, such as cryptography for the certificates' expiry, is in by
+  then), and again after one ``/metrics`` scrape (prometheus-client too).
 
 With ``--baseline DIR`` (a tree holding another ``kap/``, e.g. a ``git
 worktree`` of main), the two trees run in interleaved rounds, in a shuffled
@@ -21,7 +22,7 @@ imports done before the first relayed byte, largest cumulative first.
 The upstream is ``bench/run.py``'s Python one (HTTPS ``/readyz`` and raw echo
 on three loopback ports): no Go needed. Every child is stopped by PID.
 
-Usage: python bench/startup.py [--runs N] [--baseline DIR] [--settle S] [--importtime]
+Usage: python bench/startup.py [--runs N] [--baseline DIR] [--settle S] [--discovery] [--importtime]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,12 @@ START_LIMIT = 15.0
 
 
 def start_kap(
-    kap: Kap, tree: Path, stderr: list[tuple[float, str]], extra: list[str] | None = None
+    kap: Kap,
+    tree: Path,
+    stderr: list[tuple[float, str]],
+    extra: list[str] | None = None,
+    *,
+    discovery: bool = False,
 ) -> tuple[subprocess.Popen[Any], float, float]:
     """Start kap from ``tree``; (process, seconds to the first echo, CPU seconds by then).
 
@@ -59,6 +66,8 @@ def start_kap(
     kap.port = free_port()
     kap.health_port = free_port()
     cmd = kap.command()
+    if discovery:
+        cmd.remove("--no-discovery")  # imported and started; off for want of credentials
     cmd[1:1] = extra or []
     env = {**os.environ, "PYTHONPATH": str(tree)}
     t0 = time.monotonic()
@@ -91,14 +100,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def one_run(kap: Kap, tree: Path, settle: float) -> dict[str, float]:
-    proc, took, cpu = start_kap(kap, tree, [])
+def one_run(kap: Kap, tree: Path, settle: float, discovery: bool) -> dict[str, float]:
+    """One start: first byte, CPU by then, RSS when settled and after a /metrics scrape."""
+    proc, took, cpu = start_kap(kap, tree, [], discovery=discovery)
     try:
         time.sleep(settle)
         rss = rss_bytes(proc.pid)
+        url = f"http://127.0.0.1:{kap.health_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            answer.read()
+        scraped = rss_bytes(proc.pid)
     finally:
         stop(proc)
-    return {"first_byte_ms": took * 1e3, "cpu_ms": cpu * 1e3, "rss_mib": rss / MiB}
+    return {
+        "first_byte_ms": took * 1e3,
+        "cpu_ms": cpu * 1e3,
+        "rss_mib": rss / MiB,
+        "rss_scraped_mib": scraped / MiB,
+    }
 
 
 def importtime(kap: Kap, tree: Path, top: int) -> None:
@@ -147,6 +166,12 @@ def main() -> None:
     ap.add_argument(
         "--importtime", action="store_true", help="one start per tree under -X importtime"
     )
+    ap.add_argument(
+        "--discovery",
+        action="store_true",
+        help="without --no-discovery: the discovery stack is imported (it then finds "
+        "no credentials and stays off)",
+    )
     ap.add_argument("--top", type=int, default=40, help="rows of --importtime (default 40)")
     args = ap.parse_args()
     trees = {"this": HERE.parent}
@@ -169,7 +194,7 @@ def main() -> None:
                 order = list(trees)
                 random.shuffle(order)
                 for name in order:
-                    results[name].append(one_run(kap, trees[name], args.settle))
+                    results[name].append(one_run(kap, trees[name], args.settle, args.discovery))
                 loads.append(os.getloadavg()[0])
         finally:
             upstream.close()
@@ -179,7 +204,12 @@ def main() -> None:
     )
     for name, rows in results.items():
         print(f"{name} ({trees[name]}):")
-        for key, unit in (("first_byte_ms", "ms"), ("cpu_ms", "ms"), ("rss_mib", "MiB")):
+        for key, unit in (
+            ("first_byte_ms", "ms"),
+            ("cpu_ms", "ms"),
+            ("rss_mib", "MiB"),
+            ("rss_scraped_mib", "MiB"),
+        ):
             print(f"  {key:14s} {summary([r[key] for r in rows])} {unit}")
 
 
