@@ -275,7 +275,7 @@ class App:
         On the event loop: the clients that connect meanwhile wait in the
         listen backlog, not refused. In a worker thread instead, the import
         cost 0.8 MiB more idle RSS (a malloc arena of the thread's own) for
-        no start-up time measured (docs/performance.md "Start-up").
+        no start-up gain beyond the noise (docs/performance.md "Start-up").
         """
         from kap.discovery import EndpointSliceWatcher
 
