@@ -11,14 +11,17 @@
     ├── ProbeScheduler.run          probe nursery: one jittered /readyz loop per upstream
     ├── App._housekeeping           drains of dead and removed upstreams, memory trim,
     │                               the problems log line
-    ├── EndpointSliceWatcher.run    discovery: list + watch default/kubernetes slices through
-    │                               one of the pool's best; each new set -> the channel
-    └── Proxy.run                   accept loop + forwarding nursery:
-                                    one task and cancel scope per client connection
+    ├── Proxy.run                   accept loop + forwarding nursery:
+    │                               one task and cancel scope per client connection
+    └── EndpointSliceWatcher.run    discovery: list + watch default/kubernetes slices through
+                                    one of the pool's best; each new set -> the channel
 
 Start order is the list's; kap accepts clients only once the pump, the health
-server and the first probes are running. ``Proxy.run`` returning (after a
-signal and the drain) ends everything else.
+server and the first probes are running. Discovery starts right after the
+listener, its stack (lightkube, httpx2: about 110 ms of imports) imported
+then, and ``/metrics``' prometheus-client at the first scrape
+(docs/performance.md "Start-up"). ``Proxy.run`` returning (after a signal
+and the drain) ends everything else.
 
 What the pool changes (``kap.events.Change``) is published on one
 ``ChangeFeed`` by whoever asked the pool (probes, client dials, membership);
@@ -32,6 +35,7 @@ import gc
 import random
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -41,12 +45,10 @@ from kap.address import Address
 from kap.build import build_info
 from kap.config import Config
 from kap.credentials import NO_CA, CredentialFiles
-from kap.discovery import EndpointSliceWatcher
 from kap.events import Change, ChangeFeed, ChangeKind
 from kap.health import HealthServer
 from kap.membership import Membership, open_sets_channel
 from kap.memory import TrimPolicy, release_free_memory
-from kap.metrics import metrics_registry, metrics_text
 from kap.pool import Pool
 from kap.probe import Prober
 from kap.probe_schedule import ProbeScheduler, open_budget
@@ -55,6 +57,11 @@ from kap.relay import Relay
 from kap.report import Counters, current_problems, upstreams_json
 from kap.sockets import TcpOptions
 from kap.upstream import TIER_THRESHOLDS
+
+if TYPE_CHECKING:  # imported once the listener is up (the module docstring)
+    from prometheus_client import CollectorRegistry
+
+    from kap.discovery import EndpointSliceWatcher
 
 # How often housekeeping looks for dead upstreams to drain.
 HOUSEKEEPING_PERIOD = 1.0
@@ -137,14 +144,7 @@ class App:
             readiness_interval=c.readiness_interval,
         )
         if c.discovery:
-            self.discovery = EndpointSliceWatcher.from_config(
-                c,
-                pool=self.pool,
-                credentials=self.credentials,
-                on_update=discovered.send_nowait,
-                changes=self.changes,
-                rng=self.rng,
-            )
+            self._discovered = discovered  # to the watcher, built in _start_discovery
         else:
             discovered.close()  # membership then only expires removals
         self.counters = self._counters()
@@ -171,7 +171,16 @@ class App:
     def _health_server(self, counters: Counters) -> HealthServer:
         """The health endpoints, each a read of the pool and the counters."""
         c = self.config
-        registry = metrics_registry(self.pool, counters)
+        registry: list[CollectorRegistry] = []  # built at the first scrape
+
+        def metrics() -> bytes:
+            # kap.metrics (and prometheus-client, 36 ms) at the first scrape, not at start.
+            from kap.metrics import metrics_registry, metrics_text
+
+            if not registry:
+                registry.append(metrics_registry(self.pool, counters))
+            return metrics_text(registry[0])
+
         return HealthServer(
             host=c.health_host,
             port=c.health_port,
@@ -182,10 +191,7 @@ class App:
                     "application/json",
                     upstreams_json(self.pool, counters, trio.current_time()),
                 ),
-                "/metrics": lambda: (
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    metrics_text(registry),
-                ),
+                "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics()),
             },
         )
 
@@ -241,10 +247,10 @@ class App:
                 )
             await root.start(self.probes.run)
             await root.start(self._housekeeping)
-            if self.discovery is not None:
-                await root.start(self.discovery.run)
             self._root = root
             proxy = await root.start(self._serve_clients)
+            if self._discovered is not None:
+                await self._start_discovery(root, self._discovered)
             bound = Bound(proxy=proxy, health=health)
             # Everything imported and built so far lives as long as kap: move it
             # out of the cyclic collector's reach, so a full collection triggered
@@ -269,6 +275,32 @@ class App:
             task_status.started(bound)
 
     _root: trio.Nursery | None = attrs.field(default=None, init=False)
+    _discovered: trio.MemorySendChannel[list[Address]] | None = attrs.field(
+        default=None, init=False
+    )
+
+    async def _start_discovery(
+        self, root: trio.Nursery, discovered: trio.MemorySendChannel[list[Address]]
+    ) -> None:
+        """Import the discovery stack, now that clients can connect; start discovery.
+
+        On the event loop: the clients that connect meanwhile wait in the
+        listen backlog, not refused. In a worker thread instead, the import
+        cost 0.8 MiB more idle RSS (a malloc arena of the thread's own) for
+        no start-up gain beyond the noise (docs/performance.md "Start-up").
+        """
+        from kap.discovery import EndpointSliceWatcher
+
+        watcher = EndpointSliceWatcher.from_config(
+            self.config,
+            pool=self.pool,
+            credentials=self.credentials,
+            on_update=discovered.send_nowait,
+            changes=self.changes,
+            rng=self.rng,
+        )
+        self.discovery = watcher
+        await root.start(watcher.run)
 
     async def _serve_clients(
         self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED

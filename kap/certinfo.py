@@ -50,12 +50,30 @@ def read_certificate(path: str) -> CertInfo:
     Raises:
       OSError: unreadable. CertificateError: no PEM certificate in it.
     """
-    from cryptography import x509
+    return parse_certificate(read_pem(path))
 
+
+def read_pem(path: str) -> bytes:
+    """The bytes of a certificate file, to parse now or later (``parse_certificate``).
+
+    Raises:
+      OSError: unreadable. CertificateError: larger than any certificate file.
+    """
     with open(path, "rb") as fh:
         data = fh.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise CertificateError(f"larger than {MAX_FILE_BYTES} bytes")
+    return data
+
+
+def parse_certificate(data: bytes) -> CertInfo:
+    """Parse the PEM ``data`` of a certificate file.
+
+    Raises:
+      CertificateError: no PEM certificate in it.
+    """
+    from cryptography import x509
+
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as e:
@@ -68,6 +86,17 @@ def read_certificate(path: str) -> CertInfo:
         count=len(certs),
         earliest_not_after_unix=min(c.not_valid_after_utc.timestamp() for c in certs),
     )
+
+
+def pem_not_after(data: bytes | None, *, earliest: bool) -> float | None:
+    """``leaf_not_after`` (or ``earliest_not_after``) of bytes ``read_pem`` returned."""
+    if data is None:
+        return None
+    try:
+        info = parse_certificate(data)
+    except CertificateError:
+        return None
+    return info.earliest_not_after_unix if earliest else info.not_after_unix
 
 
 def leaf_not_after(path: str) -> float | None:

@@ -20,11 +20,9 @@ import trio
 
 from kap import logs
 from kap.build import build_info
-from kap.check import command as check_command
 from kap.config import Config, ConfigError, parse_config
 from kap.credentials import check_files
 from kap.options import OPTIONS, Option
-from kap.status import command as status_command
 
 
 def readable(path: str) -> str | None:
@@ -147,6 +145,46 @@ def _command() -> click.Command:
     )(func)
 
 
+def _status_command() -> click.Command:
+    from kap.status import command
+
+    return command
+
+
+def _check_command() -> click.Command:
+    from kap.check import command
+
+    return command(with_kap_options)
+
+
+# The subcommands, imported when named: ``kap check`` pulls in the discovery
+# stack and ``kap status`` its own client, about 180 ms of imports a
+# balancer's start does not need (docs/performance.md "Start-up"). Their
+# one-line help is here so that ``kap --help`` imports neither
+# (tests/test_startup.py checks it is each command's own).
+SUBCOMMANDS: dict[str, tuple[Callable[[], click.Command], str]] = {
+    "check": (_check_command, "Check that kap would work here, with these flags (binds no port)."),
+    "status": (_status_command, "Show what a running kap is doing (its /upstreams)."),
+}
+
+
+class _LazyGroup(click.Group):
+    """A group whose ``SUBCOMMANDS`` are imported when named."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *SUBCOMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in SUBCOMMANDS and cmd_name not in self.commands:
+            self.add_command(SUBCOMMANDS[cmd_name][0](), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, short) for name, (_, short) in sorted(SUBCOMMANDS.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
 def _with_subcommands(balancer: click.Command) -> click.Group:
     """``kap FLAGS`` runs the balancer as ever; ``kap status ...`` and later commands are
     subcommands. The group takes the balancer's flags, help and callback unchanged, so
@@ -159,9 +197,8 @@ def _with_subcommands(balancer: click.Command) -> click.Group:
         if click.get_current_context().invoked_subcommand is None:
             run_balancer(**values)
 
-    return click.Group(
+    return _LazyGroup(
         name=balancer.name,
-        commands=[status_command, check_command(with_kap_options)],
         invoke_without_command=True,
         params=balancer.params,
         callback=callback,

@@ -34,7 +34,7 @@ import ssl
 import attrs
 from loguru import logger
 
-from kap.certinfo import earliest_not_after, leaf_not_after
+from kap.certinfo import CertificateError, pem_not_after, read_pem
 from kap.sources import Credentials
 
 # A token file larger than this is not a token (bound tokens are about 1 KiB).
@@ -53,6 +53,16 @@ def _stamp(path: str | None) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _read_pem(path: str | None) -> bytes | None:
+    """A certificate file's bytes, for its expiry; None when there is none or it is unreadable."""
+    if path is None:
+        return None
+    try:
+        return read_pem(path)
+    except (OSError, CertificateError):
+        return None
 
 
 def _why(e: BaseException, what: str = "") -> str:
@@ -173,11 +183,33 @@ class CredentialFiles:
     _token: str | None = attrs.field(default=None, alias="_token")
     _token_stamp: object = attrs.field(default=None, alias="_token_stamp")
     generation: int = 0  # bumped whenever the TLS context is rebuilt
-    # Unix times the certificates in the current context expire (kap.certinfo):
-    # the client certificate presented (None: none presented, or unknown) and
-    # the earliest of the CA bundle (None: no CA loaded). Set with the context.
-    client_cert_not_after: float | None = None
-    ca_not_after: float | None = None
+    # The PEM bytes of the CA and client certificate files the current context
+    # was built from (None: not loaded, or unreadable), read with the context;
+    # parsed for their expiry at the first ask, so that cryptography (22 ms of
+    # imports, docs/performance.md "Start-up") stays out of kap's start.
+    _pems: tuple[bytes | None, bytes | None] = attrs.field(default=(None, None), alias="_pems")
+    _not_after: tuple[float | None, float | None] | None = attrs.field(
+        default=(None, None), alias="_not_after"
+    )
+
+    @property
+    def ca_not_after(self) -> float | None:
+        """Unix time the earliest certificate of the CA bundle in use expires (None: no CA)."""
+        return self._expiries()[0]
+
+    @property
+    def client_cert_not_after(self) -> float | None:
+        """Unix time the client certificate presented expires (None: none, or unknown)."""
+        return self._expiries()[1]
+
+    def _expiries(self) -> tuple[float | None, float | None]:
+        if self._not_after is None:
+            ca, cert = self._pems
+            self._not_after = (
+                pem_not_after(ca, earliest=True),
+                pem_not_after(cert, earliest=False),
+            )
+        return self._not_after
 
     @property
     def verifies(self) -> bool:
@@ -238,8 +270,8 @@ class CredentialFiles:
         """Put the contexts in use, built from the CA file ``ca`` and client cert ``cert``."""
         self._context, self._probe_context, self._complete = ctx, probe_ctx, complete
         self.generation += 1
-        self.ca_not_after = None if ca is None else earliest_not_after(ca)
-        self.client_cert_not_after = None if cert is None else leaf_not_after(cert)
+        self._pems = (_read_pem(ca), _read_pem(cert))
+        self._not_after = None  # parsed at the first ask
 
     def _not_loaded(self, e: BaseException) -> None:
         """A file failed: keep the last good context, else the strongest stand-in."""
