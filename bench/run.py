@@ -912,11 +912,11 @@ def render(
     if "task_cost" in results:
         t = results["task_cost"]
         extra.append(
-            "per-connection task (in-process micro-measure; kap's connections have no "
-            f"cancel scope of their own): {t['task_only']['bytes']:.0f} B asleep, "
-            f"{t['task_only']['cpu_us']:.1f} us CPU per start+wake+exit "
-            f"(with a cancel scope: {t['task_and_scope']['bytes']:.0f} B, "
-            f"{t['task_and_scope']['cpu_us']:.1f} us)"
+            "per-connection task + cancel scope (in-process micro-measure): "
+            f"{t['task_and_scope']['bytes']:.0f} B asleep, "
+            f"{t['task_and_scope']['cpu_us']:.1f} us CPU per start+wake+exit "
+            f"(task without the scope: {t['task_only']['bytes']:.0f} B, "
+            f"{t['task_only']['cpu_us']:.1f} us)"
         )
     mode = "quick" if cfg.quick else "full"
     hdr = (
