@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Sequence
 
 import attrs
@@ -142,7 +143,9 @@ class Membership:
 
 
 def _is_empty_file(path: str) -> bool:
+    """An empty regular file (a FIFO or device has size 0 too, and is no fresh node's file)."""
     try:
-        return os.stat(path).st_size == 0
+        st = os.stat(path)
     except OSError:
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
