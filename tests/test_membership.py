@@ -179,3 +179,41 @@ async def test_a_fallback_file_that_is_a_fifo_is_one_error_line_not_a_hang(
     why = "not a regular file (a FIFO)"
     assert lines[0] == ("ignoring the fallback file", f"cannot read: {why}")
     assert ("cannot write the fallback file", why) in lines[1:]
+
+
+async def test_an_upstream_that_is_kap_itself_is_left_out_from_every_source(
+    tmp_path: Path,
+) -> None:
+    """kap given its own address (its clients' kubeconfig, once it points at kap) is no loop."""
+    own = Address("127.0.0.1", 6445)
+    path = tmp_path / "fallback.json"
+    path.write_text(json.dumps([str(own), str(B)]))
+    lines: list[tuple[str, str]] = []
+    sink = logger.add(
+        lambda m: lines.append((m.record["message"], m.record["extra"]["source"])), level="ERROR"
+    )
+    pool, feed = Pool(), ChangeFeed()
+    m, send = membership(
+        pool, feed, flags=[A, own], kubeconfig_seed=own, fallback_file=str(path),
+        listen=("0.0.0.0", 6445), is_local=lambda ip: ip.startswith("127."),
+    )  # fmt: skip
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(m.run)
+                assert pool.addresses() == [A, B]
+                for addresses in ([C, own], [C, own], [D]):
+                    await send.send(addresses)  # type: ignore[attr-defined]
+                    while addresses[0] not in pool:
+                        await trio.sleep(0.01)
+                while json.loads(path.read_text()) != [str(D)]:  # never kap itself
+                    await trio.sleep(0.01)
+                assert own not in pool
+                nursery.cancel_scope.cancel()
+    finally:
+        logger.remove(sink)
+    why = (
+        "skipping an upstream that is kap itself: clients sent there would come back to kap, "
+        "again and again"
+    )
+    assert lines == [(why, "flag"), (why, "kubeconfig"), (why, "file"), (why, "discovery")]
