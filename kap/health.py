@@ -183,7 +183,7 @@ class HealthServer:
                 budget -= len(chunk)
 
     def _respond(self, request: h11.Request) -> tuple[int, str, bytes]:
-        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        path = _path(request.target)
         handler = self.routes.get(path)
         if handler is None:
             return 404, "text/plain", b"404 not found\n"
@@ -195,6 +195,21 @@ class HealthServer:
             logger.exception("health handler failed", path=path)
             return 500, "text/plain", b"500 internal error\n"
         return 200, ctype, body
+
+
+def _path(target: bytes) -> str:
+    """The path of a request target: origin-form, or absolute-form (``http://host/path``).
+
+    RFC 9112 3.2.2: a server must accept the absolute-form, which a client
+    speaking through an HTTP proxy sends (and some probes always do).
+    """
+    for scheme in (b"http://", b"https://"):
+        if target[: len(scheme)].lower() == scheme:
+            rest = target[len(scheme) :]
+            slash = rest.find(b"/")
+            target = rest[slash:] if slash >= 0 else b"/"
+            break
+    return target.split(b"?", 1)[0].decode("ascii", "replace")
 
 
 async def _send(stream: trio.SocketStream, conn: h11.Connection, event: h11.Event) -> None:

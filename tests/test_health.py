@@ -60,6 +60,11 @@ def get(path: str, method: str = "GET") -> bytes:
     [
         (get("/healthz"), 200),
         (get("/healthz?verbose=1"), 200),
+        # Absolute-form (RFC 9112 3.2.2: a server must accept it), as through a proxy.
+        (get("http://127.0.0.1:8080/healthz"), 200),
+        (get("HTTP://node-1/healthz?x=1"), 200),
+        (get("http://127.0.0.1:8080"), 404),  # path "/"
+        (get("http://127.0.0.1:8080/nope"), 404),
         (get("/nope"), 404),
         (get("/healthz", "POST"), 405),
         (get("/healthz", "DELETE"), 405),
