@@ -29,6 +29,7 @@ REQUEST_DEADLINE = 5.0
 # the cap, the connection that has waited longest for a request is closed to
 # make room, so idle or slow connections can never lock out /healthz.
 MAX_CONNECTIONS = 256
+# An answer must be taken by the client within this (a slow reader costs only its connection).
 SEND_DEADLINE = 5.0
 # After rejecting a request, at most this much of the rest is read and dropped.
 LINGER_BYTES = 64 * 1024
@@ -117,11 +118,17 @@ class HealthServer:
             ]
             if status == 405:
                 headers.append(("Allow", "GET, HEAD"))
-            with trio.fail_after(SEND_DEADLINE):
+            # A client that does not read its answers (pipelined requests, a
+            # zero window) is closed at the deadline: only its connection ends.
+            with trio.move_on_after(SEND_DEADLINE) as sending:
                 await _send(stream, conn, h11.Response(status_code=status, headers=headers))
                 if request.method != b"HEAD":
                     await _send(stream, conn, h11.Data(data=body))
                 await _send(stream, conn, h11.EndOfMessage())
+            if sending.cancelled_caught:
+                self.connection_errors_total += 1
+                logger.debug("health connection closed: the answer was not read in time")
+                return
             if conn.our_state is h11.MUST_CLOSE:
                 return
             try:
