@@ -434,3 +434,19 @@ async def test_the_overall_deadline_cuts_every_row_short(autojump_clock: Any) ->
     rows = check.rows_for(config, found, check.credentials_of(files), ())
     assert (rows[0].target, rows[0].ok) == (dropped, False)
     assert rows[0].detail == f"TCP connect failed: {check.OUT_OF_TIME}"
+
+
+async def test_kaps_own_listen_address_among_the_upstreams_fails_as_a_loop(
+    start_fake: StartFake, pki: PkiFiles, free_port: int
+) -> None:
+    """kap would leave it out (kap.membership); the check says why, and names the source."""
+    a = await start_fake("a")  # no token required: credentials are not the point here
+    own = f"127.0.0.1:{free_port}"
+    values = flags(pki, a, own, discovery="false", listen_addr="0.0.0.0",
+                   listen_port=str(free_port), token_file=None)  # fmt: skip
+    code, out, _ = await run_check(values)
+    assert code == 1
+    fix = f"fix upstream {own}: remove {own} from flag: it is kap, not an apiserver"
+    assert failing(out) == [fix]
+    # With a CA and no credentials, the apiserver is still verified (and said so).
+    assert re.search(rf"^upstream +{_hostport(a)} +ok +.*TLS verified as", out, re.M), out
