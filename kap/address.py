@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 
 import attrs
 
@@ -114,3 +115,40 @@ def parse_list(text: str) -> list[Address]:
             if addr not in out:
                 out.append(addr)
     return out
+
+
+# Listen addresses that accept on every local address of their family.
+_WILDCARDS = {"0.0.0.0": 4, "::": 6, "": 6}
+
+
+def loops_back(
+    addr: Address, listen_host: str, listen_port: int, is_local: Callable[[str], bool]
+) -> bool:
+    """Whether dialing ``addr`` reaches kap's own listener on ``listen_host:listen_port``.
+
+    Such an upstream is a loop: each client connection kap sends there comes
+    back as a new client, which kap sends there again, until it runs out of
+    file descriptors (with the real apiservers down, in a fraction of a
+    second). It happens when kap is given the kubeconfig its clients use,
+    once their ``server`` points at kap, or its own port by mistake. Port 0
+    (kernel-chosen) cannot be named beforehand; names are not resolved.
+    ``is_local(ip)``: whether the IP is one of this host's addresses (only
+    asked for a wildcard listen address). An IPv4-mapped IPv6 address is its
+    IPv4 address (a dual-stack listener gets both).
+    """
+    if listen_port == 0 or addr.port != listen_port or not addr.is_ip:
+        return False
+    ip = ipaddress.ip_address(addr.host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    family = _WILDCARDS.get(listen_host)
+    if family is not None:
+        # '::' is dual-stack (kap.sockets.bind_listener): it accepts IPv4 too.
+        return (family == 6 or ip.version == 4) and is_local(str(ip))
+    try:
+        listen = ipaddress.ip_address(listen_host)
+    except ValueError:
+        return False
+    if isinstance(listen, ipaddress.IPv6Address) and listen.ipv4_mapped is not None:
+        listen = listen.ipv4_mapped
+    return ip == listen

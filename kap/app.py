@@ -118,6 +118,7 @@ class App:
             flags=list(c.fallback_upstreams),
             kubeconfig_seed=c.kubeconfig_seed,
             fallback_file=c.fallback_file,
+            listen=(c.listen_addr, c.listen_port),  # an upstream that is kap itself is a loop
         )
         # The passive first-byte check allows a client's upstream what a probe
         # allows its own connection to open (an apiserver answers a ClientHello at once).
@@ -313,10 +314,24 @@ class App:
                 self._root.cancel_scope.cancel()
 
     async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """SIGTERM/SIGINT drain and stop; SIGHUP/SIGUSR1/SIGUSR2 are logged and ignored.
+
+        Their default action would end kap at once, without a log line or a
+        drain, and operators send SIGHUP expecting a reload: kap re-reads its
+        credential files by itself, so there is nothing to reload.
+        """
+        ignored = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *ignored) as signals:
             grace = self.config.shutdown_grace
             async for signum in signals:
-                logger.bind(signal=signal.Signals(signum).name, grace_s=grace).info(
+                name = signal.Signals(signum).name
+                if signum in ignored:
+                    logger.bind(signal=name).warning(
+                        "signal ignored: kap re-reads its credential files by itself; "
+                        "SIGTERM stops it"
+                    )
+                    continue
+                logger.bind(signal=name, grace_s=grace).info(
                     "shutting down: no new connections; open ones may finish"
                 )
                 self.stop(grace)

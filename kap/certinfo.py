@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import attrs
 
+from kap.files import read_regular
+
 # A certificate file is a few KiB; a CA bundle a few hundred KiB at most.
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
@@ -59,8 +61,7 @@ def read_pem(path: str) -> bytes:
     Raises:
       OSError: unreadable. CertificateError: larger than any certificate file.
     """
-    with open(path, "rb") as fh:
-        data = fh.read(MAX_FILE_BYTES + 1)
+    data = read_regular(path, MAX_FILE_BYTES + 1)  # never waits on a FIFO
     if len(data) > MAX_FILE_BYTES:
         raise CertificateError(f"larger than {MAX_FILE_BYTES} bytes")
     return data

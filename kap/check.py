@@ -38,7 +38,7 @@ import click
 import trio
 
 from kap import fallback
-from kap.address import Address
+from kap.address import Address, loops_back
 from kap.certinfo import CertificateError, read_certificate
 from kap.check_report import (
     Credentials,
@@ -58,6 +58,7 @@ from kap.discovery import NAMESPACE
 from kap.invocation import running_kap
 from kap.pool import SOURCE_FILE, SOURCE_FLAG, SOURCE_KUBECONFIG
 from kap.probe import describe_error
+from kap.sockets import is_local_ip
 
 # The issue's bound for the whole command is 30 s; Python's start and the
 # imports take well under a second of the rest.
@@ -140,6 +141,7 @@ def credentials_of(files: CredentialFiles) -> Credentials:
         origin=f.origin,
         presented=files.authenticated,
         kind=" and ".join(kinds) if kinds and files.verifies else "none",
+        verifies=files.verifies,
     )
 
 
@@ -225,6 +227,22 @@ def starting_upstreams(config: Config, file_entries: list[Address]) -> dict[Addr
     return out
 
 
+def loops(config: Config, starting: Mapping[Address, list[str]]) -> list[Address]:
+    """The starting upstreams that are kap's own listen address (kap leaves them out)."""
+    host, port = config.listen_addr, config.listen_port
+    return [a for a in starting if loops_back(a, host, port, is_local_ip)]
+
+
+def loop_row(address: Address, sources: list[str]) -> Row:
+    return Row(
+        "upstream",
+        str(address),
+        False,
+        "kap's own listen address: kap leaves it out (clients sent there would loop through kap)",
+        f"remove {address} from {', '.join(sources)}: it is kap, not an apiserver",
+    )
+
+
 def off_reasons(files: CredentialFiles) -> tuple[tuple[str, str], ...]:
     """Why kap would turn discovery off, each with what to give (kap's own words)."""
     from kap.discovery import EndpointSliceWatcher
@@ -277,6 +295,7 @@ def run(s: Settings, output: str, now_unix: float) -> tuple[int, str]:
     rows = credential_rows(config, now_unix)
     file_row, entries = fallback_row(config.fallback_file)
     starting = starting_upstreams(config, entries)
+    loop_rows = [loop_row(a, starting.pop(a)) for a in loops(config, starting)]
     off = off_reasons(files) if config.discovery else ()
     reach = Reach(
         files=files,
@@ -293,7 +312,7 @@ def run(s: Settings, output: str, now_unix: float) -> tuple[int, str]:
             deadline=TOTAL_DEADLINE,
         )
     )
-    rows = [*rows_for(config, found, creds, off), *rows, file_row]
+    rows = [*loop_rows, *rows_for(config, found, creds, off), *rows, file_row]
     return exit_status(rows), render(rows, config.warnings, output, s.origin, creds.origin)
 
 

@@ -87,6 +87,8 @@ class Credentials:
     origin: str
     presented: bool  # a token or a client certificate, and a CA to verify the servers
     kind: str  # "token", "client certificate", "token and client certificate" or "none"
+    # The servers' certificates are verified (a CA), credentials or not; None: as ``presented``.
+    verifies: bool | None = None
 
 
 def upstream_row(
@@ -125,7 +127,8 @@ def upstream_row(
             )
             return row(False, f"TLS: {why} ({steps})", fix, "tls")
         return row(False, f"TLS handshake failed: {why} ({steps})", reach, "tls")
-    steps += f", TLS verified as {f.tls_name}" if creds.presented else ", TLS (not verified)"
+    verified = creds.presented if creds.verifies is None else creds.verifies
+    steps += f", TLS verified as {f.tls_name}" if verified else ", TLS (not verified)"
     if f.status is None:
         why = f.request_error or "ran out of time"
         return row(False, f"GET /readyz: {why} ({steps})", reach, "no-answer")

@@ -35,6 +35,7 @@ import attrs
 from loguru import logger
 
 from kap.certinfo import CertificateError, pem_not_after, read_pem
+from kap.files import read_regular, require_regular
 from kap.sources import Credentials
 
 # A token file larger than this is not a token (bound tokens are about 1 KiB).
@@ -81,8 +82,7 @@ def read_token(path: str) -> str:
     Raises:
       OSError: unreadable. ValueError: not a token.
     """
-    with open(path, "rb") as fh:
-        data = fh.read(MAX_TOKEN_BYTES + 1)
+    data = read_regular(path, MAX_TOKEN_BYTES + 1)
     if len(data) > MAX_TOKEN_BYTES:
         raise ValueError(f"larger than {MAX_TOKEN_BYTES} bytes")
     try:
@@ -126,6 +126,7 @@ def verifying_context(ca_file: str | None, alpn: tuple[str, ...] = HTTP11_ALPN) 
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     if ca_file is not None:
+        require_regular(ca_file)  # OpenSSL's open of a FIFO would stop the loop
         ctx.load_verify_locations(cafile=ca_file)
     return ctx
 
@@ -140,8 +141,15 @@ def build_ssl_context(files: Credentials, alpn: tuple[str, ...] = HTTP11_ALPN) -
         return unverified_context(alpn)
     ctx = verifying_context(files.ca_file, alpn)
     if files.cert_file is not None and files.key_file is not None:
-        ctx.load_cert_chain(files.cert_file, files.key_file)
+        _load_cert_chain(ctx, files.cert_file, files.key_file)
     return ctx
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    """``load_cert_chain`` of regular files only (a FIFO would stop the loop)."""
+    require_regular(cert_file)
+    require_regular(key_file)
+    ctx.load_cert_chain(cert_file, key_file)
 
 
 def check_files(files: Credentials) -> dict[str, str]:
@@ -158,7 +166,7 @@ def check_files(files: Credentials) -> dict[str, str]:
             problems["ca_file"] = _why(e, "a PEM CA bundle")
     if files.cert_file is not None and files.key_file is not None:
         try:
-            _base_context().load_cert_chain(files.cert_file, files.key_file)
+            _load_cert_chain(_base_context(), files.cert_file, files.key_file)
         except _LOAD_ERRORS as e:
             problems["cert_file"] = _why(e, "a PEM certificate and its key")
     if files.token_file is not None:

@@ -18,6 +18,7 @@ import os
 import trio
 
 from kap.address import Address, AddressError
+from kap.files import open_regular, read_regular
 
 # A fallback file lists a handful of apiservers; anything larger is not one.
 MAX_FILE_BYTES = 1024 * 1024
@@ -69,8 +70,7 @@ def read(path: str) -> tuple[list[Address], list[str]]:
       FallbackFileError: unreadable, too large, or not a JSON array.
     """
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
+        data = read_regular(path, MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         return [], []
     except OSError as e:
@@ -91,12 +91,14 @@ def write_in_place(path: str, addresses: list[Address]) -> bool:
     last good one.
 
     Raises:
-      OSError: the file cannot be opened or written (the caller logs it).
+      OSError: the file cannot be opened or written, or is not a regular
+        file (a FIFO would hold the writing thread, and membership, for
+        good); the caller logs it.
     """
     if not addresses:
         return False
     content = render(addresses).encode()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         old = os.read(fd, MAX_FILE_BYTES + 1)
         if old == content:

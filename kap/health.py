@@ -29,6 +29,7 @@ REQUEST_DEADLINE = 5.0
 # the cap, the connection that has waited longest for a request is closed to
 # make room, so idle or slow connections can never lock out /healthz.
 MAX_CONNECTIONS = 256
+# An answer must be taken by the client within this (a slow reader costs only its connection).
 SEND_DEADLINE = 5.0
 # After rejecting a request, at most this much of the rest is read and dropped.
 LINGER_BYTES = 64 * 1024
@@ -117,11 +118,17 @@ class HealthServer:
             ]
             if status == 405:
                 headers.append(("Allow", "GET, HEAD"))
-            with trio.fail_after(SEND_DEADLINE):
+            # A client that does not read its answers (pipelined requests, a
+            # zero window) is closed at the deadline: only its connection ends.
+            with trio.move_on_after(SEND_DEADLINE) as sending:
                 await _send(stream, conn, h11.Response(status_code=status, headers=headers))
                 if request.method != b"HEAD":
                     await _send(stream, conn, h11.Data(data=body))
                 await _send(stream, conn, h11.EndOfMessage())
+            if sending.cancelled_caught:
+                self.connection_errors_total += 1
+                logger.debug("health connection closed: the answer was not read in time")
+                return
             if conn.our_state is h11.MUST_CLOSE:
                 return
             try:
@@ -183,7 +190,7 @@ class HealthServer:
                 budget -= len(chunk)
 
     def _respond(self, request: h11.Request) -> tuple[int, str, bytes]:
-        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        path = _path(request.target)
         handler = self.routes.get(path)
         if handler is None:
             return 404, "text/plain", b"404 not found\n"
@@ -195,6 +202,21 @@ class HealthServer:
             logger.exception("health handler failed", path=path)
             return 500, "text/plain", b"500 internal error\n"
         return 200, ctype, body
+
+
+def _path(target: bytes) -> str:
+    """The path of a request target: origin-form, or absolute-form (``http://host/path``).
+
+    RFC 9112 3.2.2: a server must accept the absolute-form, which a client
+    speaking through an HTTP proxy sends (and some probes always do).
+    """
+    for scheme in (b"http://", b"https://"):
+        if target[: len(scheme)].lower() == scheme:
+            rest = target[len(scheme) :]
+            slash = rest.find(b"/")
+            target = rest[slash:] if slash >= 0 else b"/"
+            break
+    return target.split(b"?", 1)[0].decode("ascii", "replace")
 
 
 async def _send(stream: trio.SocketStream, conn: h11.Connection, event: h11.Event) -> None:

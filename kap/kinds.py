@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import posixpath
+import re
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -150,6 +151,29 @@ def file_to_write(text: str, disk: Disk) -> str:
     return path
 
 
+# RFC 1123 host name labels (what a certificate's DNS SAN can match); the
+# whole name at most 253 characters.
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def parse_server_name(text: str) -> str:
+    """A TLS server name: a DNS name or an IP address; empty = the dialed address.
+
+    Anything else (spaces, slashes, a NUL, non-ASCII) can match no
+    certificate, so it is refused at start instead of failing every probe.
+    """
+    name = text.strip().lower().rstrip(".")
+    if not name:
+        return ""
+    try:
+        return ipaddress.ip_address(name.strip("[]")).compressed
+    except ValueError:
+        pass
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"{text!r} is not a DNS name or an IP address")
+    return name
+
+
 def _pure(parse: Callable[[str], T]) -> Callable[[str, Disk], T]:
     """A parser that does not ask the disk."""
     return lambda text, _disk: parse(text)
@@ -165,6 +189,7 @@ FRACTION = Kind("fraction", _pure(parse_fraction), "0..1")
 ADDRESSES = Kind("address list", _pure(parse_addresses), "HOST:PORT,...")
 BOOL = Kind("bool", _pure(parse_bool), "[=BOOL]", is_flag=True)
 TEXT = Kind("text", _pure(str.strip), "NAME")
+SERVER_NAME = Kind("server name", _pure(parse_server_name), "NAME")
 FILE = Kind("readable file", readable_file, "FILE", blank_is_default=True)
 NEW_FILE = Kind("file in an existing directory", file_to_write, "FILE", blank_is_default=True)
 DIRECTORY = Kind("directory", lambda text, disk: disk.absolute(text), "DIR", blank_is_default=True)

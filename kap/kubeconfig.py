@@ -45,6 +45,7 @@ from lightkube.config.kubeconfig import SingleConfig
 from lightkube.config.models import User
 
 from kap.address import Address, AddressError
+from kap.files import read_regular
 from kap.sources import Credentials
 
 # A kubeconfig is a few KiB (a few more with inline certificates).
@@ -120,8 +121,7 @@ _NAMED_LISTS = ("clusters", "users", "contexts")
 
 def _read_doc(path: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
+        data = read_regular(path, MAX_FILE_BYTES + 1)
     except OSError as e:
         raise KubeconfigError(f"{path}: cannot read: {e.strerror or e}") from None
     if len(data) > MAX_FILE_BYTES:

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
 from loguru import logger
 
 from kap import fallback
-from kap.address import Address
+from kap.address import Address, loops_back
 from kap.events import Change, ChangeFeed, ChangeKind
 from kap.pool import SOURCE_DISCOVERY, SOURCE_FILE, SOURCE_FLAG, SOURCE_KUBECONFIG, Pool
+from kap.sockets import is_local_ip
 
 
 def open_sets_channel() -> tuple[
@@ -54,6 +56,11 @@ class Membership:
       flags: ``--fallback-upstreams``.
       kubeconfig_seed: the kubeconfig's server, if any.
       fallback_file: read at start, rewritten with each discovered set.
+      listen: kap's own listen address and port; an upstream that is kap
+        itself (``kap.address.loops_back``) is left out with an error line,
+        from every source: it would loop clients through kap until it ran
+        out of file descriptors.
+      is_local: whether an IP is this host's (for a wildcard ``listen``).
     """
 
     pool: Pool
@@ -62,6 +69,10 @@ class Membership:
     flags: Sequence[Address] = ()
     kubeconfig_seed: Address | None = None
     fallback_file: str | None = None
+    listen: tuple[str, int] | None = None
+    is_local: Callable[[str], bool] = is_local_ip
+    # The loops already logged, by source: each set repeats them, the log must not.
+    _loops: dict[str, set[Address]] = attrs.field(factory=dict, alias="_loops")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the starting upstreams, report started, then follow discovery until cancelled."""
@@ -92,7 +103,24 @@ class Membership:
                 return addresses
 
     def set_source(self, source: str, addresses: Sequence[Address]) -> None:
+        self._apply(source, self._without_loops(source, addresses))
+
+    def _apply(self, source: str, addresses: Sequence[Address]) -> None:
         self.changes.publish(self.pool.set_source(source, addresses, now=trio.current_time()))
+
+    def _without_loops(self, source: str, addresses: Sequence[Address]) -> list[Address]:
+        """``addresses`` but kap's own listen address, logged once while it keeps coming."""
+        if self.listen is None:
+            return list(addresses)
+        host, port = self.listen
+        loops = {a for a in addresses if loops_back(a, host, port, self.is_local)}
+        for a in sorted(loops - self._loops.get(source, set())):
+            logger.bind(upstream=str(a), source=source, listen=f"{host}:{port}").error(
+                "skipping an upstream that is kap itself: clients sent there would come back "
+                "to kap, again and again"
+            )
+        self._loops[source] = loops
+        return [a for a in addresses if a not in loops]
 
     async def discovered(self, addresses: list[Address]) -> None:
         """Discovery's new set: into the pool (each member ``DISCOVERED``), and the fallback file.
@@ -101,7 +129,8 @@ class Membership:
         over), only when its content changes, never with an empty list; a
         write error is logged and membership goes on.
         """
-        self.set_source(SOURCE_DISCOVERY, addresses)
+        addresses = self._without_loops(SOURCE_DISCOVERY, addresses)  # nor in the file
+        self._apply(SOURCE_DISCOVERY, addresses)
         # A changed slice says something moved in the control plane: every
         # upstream in it gets a /readyz now, not a PING at its next tick.
         why = "in discovery's new set"
@@ -147,7 +176,9 @@ class Membership:
 
 
 def _is_empty_file(path: str) -> bool:
+    """An empty regular file (a FIFO or device has size 0 too, and is no fresh node's file)."""
     try:
-        return os.stat(path).st_size == 0
+        st = os.stat(path)
     except OSError:
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0

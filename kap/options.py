@@ -38,7 +38,7 @@ from kap.kinds import (
     NEW_FILE,
     PATH_LIST,
     POSITIVE_DURATION,
-    TEXT,
+    SERVER_NAME,
     Kind,
 )
 from kap.sources import SERVICEACCOUNT_DIR, STATIC_POD_DIR
@@ -213,7 +213,7 @@ OPTIONS: tuple[Option, ...] = (
         "TLS_SERVER_NAME",
         "kubernetes.default.svc",
         "Name the apiserver certificate is verified against; empty = the dialed address.",
-        kind=TEXT,
+        kind=SERVER_NAME,
     ),
     Option(
         "shutdown_grace",

@@ -25,7 +25,10 @@ The rules, which the tests hold it to:
 * Bounded: a slice with more than ``MAX_ENDPOINTS`` endpoints or an endpoint
   with more than ``MAX_ADDRESSES`` addresses is skipped whole (the API
   rejects such objects, so one is garbage), and at most ``MAX_SLICES``
-  slices are read from one list.
+  slices are read from one list. The set handed out has at most
+  ``MAX_UPSTREAMS`` addresses: those of the ``default/kubernetes`` slice
+  first, then those already handed out, then the rest in order (one reason
+  logged while the cap applies).
 """
 
 from __future__ import annotations
@@ -50,6 +53,16 @@ MAX_PORTS = 100
 # The default/kubernetes service has one slice per address family; a list of
 # more than this many is skipped past this count (and the rest logged as one).
 MAX_SLICES = 1000
+# The upstreams discovery hands out at most. A control plane has a handful
+# of apiservers (the default/kubernetes Service lists each one); kap probes
+# every upstream every --health-interval, and 1,000 dead ones cost it about
+# 40 % of a core and 3,000 log lines (measured: 1,000 refused addresses in
+# one slice, 1 s interval), while the EndpointSlice limits alone allow
+# MAX_SLICES x MAX_ENDPOINTS = 1,000,000 of them.
+MAX_UPSTREAMS = 100
+# The slice kube-apiserver's own endpoint reconciler writes: its addresses
+# are kept first when the set is capped.
+APISERVER_SLICE = "default/kubernetes"
 # Reasons are log lines: values quoted in them are cut to this many characters.
 MAX_QUOTE = 60
 
@@ -253,6 +266,7 @@ class SliceSet:
     _slices: dict[str, ParsedSlice] = attrs.field(factory=dict, alias="_slices")
     ready: list[Address] | None = None
     _skipped: frozenset[str] = attrs.field(default=frozenset(), alias="_skipped")
+    _cap_reason: str | None = attrs.field(default=None, alias="_cap_reason")
 
     def __len__(self) -> int:
         return len(self._slices)
@@ -280,10 +294,26 @@ class SliceSet:
 
     def _result(self, new_reasons: list[str]) -> Applied:
         current = union(self._slices.values())
+        if len(current) > MAX_UPSTREAMS:
+            why = f"{len(current)} addresses, more than a control plane has: {MAX_UPSTREAMS} used"
+            current = self._capped(current)
+            if why != self._cap_reason:
+                new_reasons = [*new_reasons, why]
+            self._cap_reason = why
+        else:
+            self._cap_reason = None
         if current == self.ready:
             return Applied(None, new_reasons, self.ready)
         before, self.ready = self.ready, current
         return Applied(list(current), new_reasons, before)
+
+    def _capped(self, current: list[Address]) -> list[Address]:
+        """``MAX_UPSTREAMS`` of ``current``: the apiservers' own slice, the kept ones, the rest."""
+        own = self._slices.get(APISERVER_SLICE)
+        first = [] if own is None else sorted(own.addresses)
+        kept = [a for a in self.ready or () if a in set(current)]
+        chosen: dict[Address, None] = dict.fromkeys([*first, *kept, *current])
+        return sorted(list(chosen)[:MAX_UPSTREAMS])
 
     def _note_skipped(self, reasons: list[str], *, replace: bool) -> list[str]:
         """Reasons not given last time; ``replace``: these are all of a list's."""

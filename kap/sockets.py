@@ -220,3 +220,18 @@ def start_connect(target: Target, options: TcpOptions) -> socket.socket:
 
 # Errors of accept() about one connection that died in the backlog.
 ACCEPT_SKIP_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+
+
+def is_local_ip(ip: str) -> bool:
+    """Whether ``ip`` is one of this host's addresses: only those can be bound.
+
+    (A ``net.ipv4.ip_nonlocal_bind=1`` host says yes to every address; kap
+    then refuses upstreams on its own port that may not be itself, which its
+    log line names.)
+    """
+    try:
+        with socket.socket(family_of(ip), socket.SOCK_DGRAM) as sock:
+            sock.bind((ip, 0))
+    except OSError:
+        return False
+    return True

@@ -324,3 +324,19 @@ async def test_black_holed_upstreams_end_within_the_budget(
 def _args(pki: PkiFiles, *upstreams: FakeApiServer | str) -> list[str]:
     values = flags(pki, *upstreams, discovery="false")
     return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
+
+
+async def test_kaps_own_listen_address_among_the_upstreams_fails_as_a_loop(
+    start_fake: StartFake, pki: PkiFiles, free_port: int
+) -> None:
+    """kap would leave it out (kap.membership); the check says why, and names the source."""
+    a = await start_fake("a")  # no token required: credentials are not the point here
+    own = f"127.0.0.1:{free_port}"
+    values = flags(pki, a, own, discovery="false", listen_addr="0.0.0.0",
+                   listen_port=str(free_port), token_file=None)  # fmt: skip
+    code, out, _ = await run_check(values)
+    assert code == 1
+    fix = f"fix upstream {own}: remove {own} from flag: it is kap, not an apiserver"
+    assert failing(out) == [fix]
+    # With a CA and no credentials, the apiserver is still verified (and said so).
+    assert re.search(rf"^upstream +{_hostport(a)} +ok +.*TLS verified as", out, re.M), out

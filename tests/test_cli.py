@@ -150,6 +150,26 @@ async def test_sigterm_cuts_connections_after_the_grace(start_fake: StartFake) -
             assert await kap.process.wait() == 0
 
 
+async def test_sighup_and_sigusr_are_logged_and_ignored_not_an_end(
+    start_fake: StartFake,
+) -> None:
+    """Their default action would end kap without a word; an operator's HUP expects a reload."""
+    a = await start_fake("a")
+    async with kap_process(*kap_args(f"127.0.0.1:{a.address[1]}")) as kap:
+        host, port = split_hostport(kap.listen or "")
+        with trio.fail_after(10):
+            for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                kap.process.send_signal(sig)
+            while len(kap.find("signal ignored: kap re-reads its credential files by itself; "
+                               "SIGTERM stops it")) < 3:  # fmt: skip
+                await trio.sleep(0.02)
+            assert kap.process.poll() is None
+            stream = await trio.open_tcp_stream(host, port)  # still serving
+            await stream.send_all(b"hi")
+            assert await stream.receive_some(2) == b"hi"
+            await stream.aclose()
+
+
 def test_subcommands_are_listed_and_bare_flags_still_run_the_balancer() -> None:
     out = run_kap("--help")
     assert "Commands:" in out.stdout and "status" in out.stdout.split("Commands:", 1)[1]

@@ -7,15 +7,27 @@ or came on a connection with a client certificate.
 
 from __future__ import annotations
 
+import os
 import shutil
 import ssl
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from fakeapi import FakeApiServer, PkiFiles, create_pki
-from kaptest import FAST, StartFake, make_config, start_kap, upstream, wait_until
+from kaptest import (
+    FAST,
+    StartFake,
+    get_json,
+    kap_args,
+    kap_process,
+    make_config,
+    start_kap,
+    upstream,
+    wait_until,
+)
 from loguru import logger
 
 from kap.cli import readable
@@ -261,3 +273,93 @@ async def test_static_pod_client_certificate_is_used_once_it_appears(
     copy_pki(pki, d, "cl.key", "cl.crt")
     await wait_until(lambda: any(r.user == "system:kap" for r in a.requests))
     assert upstream(app, a).usable
+
+
+# ---- files that are not regular files: never block the loop -----------------------
+
+
+def released(fifo: Path) -> None:
+    """Let go of anything blocked opening or reading ``fifo`` (old code hangs there)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # no reader waiting in open()
+        fd = os.open(fifo, os.O_RDWR)
+    os.close(fd)
+
+
+def in_a_thread(fn: Callable[[], object], fifo: Path) -> object:
+    """``fn()``, failing (not hanging) the test when it blocks on ``fifo``."""
+    box: list[object] = []
+    thread = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    thread.start()
+    thread.join(HANG_GUARD)
+    if thread.is_alive():
+        released(fifo)
+        thread.join()
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    return box[0]
+
+
+HANG_GUARD = 10.0  # seconds: the calls below take microseconds unless they block
+
+
+def test_files_replaced_by_a_fifo_keep_the_last_good_ones_without_blocking(
+    pki: PkiFiles, tmp_path: Path, errors: list[str]
+) -> None:
+    d = copy_pki(pki, tmp_path / "k", "ca.crt", "cl.crt", "cl.key", "token")
+    creds = CredentialFiles(
+        Credentials(
+            ca_file=str(d / "ca.crt"),
+            cert_file=str(d / "cl.crt"),
+            key_file=str(d / "cl.key"),
+            token_file=str(d / "token"),
+        )
+    )
+    ctx, headers = creds.ssl_context(), creds.headers()
+    for name in ("token", "cl.key", "ca.crt"):
+        (d / name).unlink()
+        os.mkfifo(d / name)
+        assert in_a_thread(creds.headers, d / name) == headers
+        assert in_a_thread(creds.ssl_context, d / name) is ctx
+    assert errors == [  # one line per change
+        "cannot read token file; keeping the last one",
+        "cannot load TLS credentials; keeping the previous ones",
+        "cannot load TLS credentials; keeping the previous ones",
+    ]
+
+
+@pytest.mark.parametrize("field", ["ca_file", "cert_file", "token_file"])
+def test_check_files_refuses_a_fifo_without_blocking(
+    pki: PkiFiles, tmp_path: Path, field: str
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    files = {"ca_file": str(pki.ca_file), field: str(fifo)}
+    if field == "cert_file":
+        files["key_file"] = str(pki.client_key_file)
+    problems = in_a_thread(lambda: check_files(Credentials(**files)), fifo)
+    assert problems == {field: "not a regular file (a FIFO)"}
+
+
+async def test_a_token_file_replaced_by_a_fifo_does_not_stop_kap(
+    start_fake: StartFake, pki: PkiFiles, tmp_path: Path
+) -> None:
+    """The real process: its loop (data path, health server) keeps running."""
+    a = await start_fake("a", require_token=pki.token)
+    d = copy_pki(pki, tmp_path / "k", "token")
+    args = kap_args(f"127.0.0.1:{a.address[1]}", pki, token_file=str(d / "token"),
+                    health_interval="100ms")  # fmt: skip
+    async with kap_process(*args) as kap:
+        await wait_until(lambda: a.bearer_requests >= 1)
+        (d / "token").unlink()
+        os.mkfifo(d / "token")
+        try:
+            probes = a.probe_count()
+            with trio.fail_after(HANG_GUARD):
+                while a.probe_count() < probes + 5 or not kap.find(
+                    "cannot read token file; keeping the last one"
+                ):
+                    await trio.sleep(0.05)
+                assert (await get_json(kap.health, "/upstreams"))["upstreams"][0]["healthy"]
+        finally:
+            released(d / "token")  # old code: kap is blocked in open() on it

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+import kap.health
 from kap.address import Address
 from kap.health import HealthServer
 
@@ -61,6 +62,11 @@ def get(path: str, method: str = "GET") -> bytes:
     [
         (get("/healthz"), 200),
         (get("/healthz?verbose=1"), 200),
+        # Absolute-form (RFC 9112 3.2.2: a server must accept it), as through a proxy.
+        (get("http://127.0.0.1:8080/healthz"), 200),
+        (get("HTTP://node-1/healthz?x=1"), 200),
+        (get("http://127.0.0.1:8080"), 404),  # path "/"
+        (get("http://127.0.0.1:8080/nope"), 404),
         (get("/nope"), 404),
         (get("/healthz", "POST"), 405),
         (get("/healthz", "DELETE"), 405),
@@ -147,3 +153,29 @@ async def test_idle_connections_beyond_the_cap_evict_the_oldest(
     assert await status_of(addr, get("/healthz")) == 200
     for s in idle:
         await s.aclose()
+
+
+async def test_a_client_that_does_not_read_its_answers_costs_only_its_connection(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pipelined requests never read: the send deadline closes that connection, kap lives on.
+
+    (It used to raise TooSlowError out of the health server, and kap exited
+    with a traceback: one `printf 'GET /metrics ...' x 50 | nc` away.)
+    """
+    monkeypatch.setattr(kap.health, "SEND_DEADLINE", 0.3)
+    big = b"x" * (1 << 20)
+    health = HealthServer(
+        host="127.0.0.1",
+        port=0,
+        routes={"/healthz": lambda: ("text/plain", b"ok\n"), "/big": lambda: ("text/plain", big)},
+    )
+    addr = await nursery.start(health.run)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(addr.host, addr.port)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await stream.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 20)  # never read
+        while health.connection_errors_total < 1:
+            await trio.sleep(0.01)
+        assert await status_of(addr, get("/healthz")) == 200
+        await stream.aclose()

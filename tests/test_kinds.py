@@ -29,6 +29,7 @@ from kap.kinds import (
     TEXT,
     Disk,
     Kind,
+    parse_server_name,
 )
 
 HERE = Disk(cwd="/work")
@@ -142,3 +143,26 @@ def test_only_bool_is_a_flag_and_only_paths_take_blank_as_the_default() -> None:
         DIRECTORY.name,
         PATH_LIST.name,
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kubernetes.default.svc", "kubernetes.default.svc"),
+        (" API.Example.COM. ", "api.example.com"),
+        ("", ""),  # empty: verify the dialed address
+        ("10.0.0.1", "10.0.0.1"),
+        ("[fd00::1]", "fd00::1"),
+        ("a-b.c", "a-b.c"),
+    ],
+)
+def test_server_names(text: str, expected: str) -> None:
+    assert parse_server_name(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["a b", "a/b", "a\x00b", "é.example", "-a.b", "a-.b", "a..b", "x" * 64 + ".b"]
+)
+def test_server_names_that_no_certificate_can_match_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not a DNS name or an IP address"):
+        parse_server_name(text)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,24 @@ def test_absolute_paths_stay_as_they_are(tmp_path: Path) -> None:
     kc = kubeconfig.load(write(tmp_path / "k.yaml", doc))
     assert (kc.credentials.ca_file, kc.credentials.cert_file) == ("/ca", "/c")
     assert kc.credentials.key_file == str(tmp_path / "k")
+
+
+def test_a_kubeconfig_that_is_a_fifo_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "config"
+    os.mkfifo(fifo)
+    box: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            kubeconfig.load_paths([str(fifo)])
+        except kubeconfig.KubeconfigError as e:
+            box.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10.0)  # a guard against the hang of old code, not a timing
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let the blocked open go
+        thread.join()
+        pytest.fail("blocked opening the FIFO")
+    assert "not a regular file (a FIFO)" in str(box[0])

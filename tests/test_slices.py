@@ -371,3 +371,27 @@ def test_a_slice_set_equals_the_union_of_what_the_events_left(
             handed = applied.ready
         if handed is not None:  # and what was handed out last is the union now
             assert handed == want
+
+
+def test_the_set_is_capped_keeping_the_apiservers_slice_then_what_was_handed_out() -> None:
+    """Slices of 1,000 endpoints each pass every per-slice limit: the set must still be bounded."""
+    cap = slices.MAX_UPSTREAMS
+    ss = slices.SliceSet()
+    own = _ks("kubernetes", "192.168.0.1", "192.168.0.2")
+    first = ss.replace([own, _ks("x", "192.168.0.3")])
+    assert first.ready == _set("192.168.0.1", "192.168.0.2", "192.168.0.3")
+    # Garbage that sorts before them (up to 1,000 slices of 1,000 would pass).
+    flood = [
+        _ks(f"flood-{i}", *(f"10.{i}.{j // 250}.{j % 250}" for j in range(1000))) for i in range(3)
+    ]
+    applied = ss.replace([*flood, own, _ks("x", "192.168.0.3")])
+    assert applied.ready is not None and len(applied.ready) == cap
+    assert set(_set("192.168.0.1", "192.168.0.2", "192.168.0.3")) <= set(applied.ready)
+    assert applied.new_reasons == [
+        f"{len(flood) * 1000 + 3} addresses, more than a control plane has: {cap} used"
+    ]
+    again = ss.replace([*flood, own, _ks("x", "192.168.0.3")])
+    assert again.ready is None and again.new_reasons == []  # said once while it lasts
+    # The flood gone, then back: said again.
+    assert ss.replace([own]).ready == _set("192.168.0.1", "192.168.0.2")
+    assert len(ss.replace([*flood, own]).new_reasons) == 1

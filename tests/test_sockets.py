@@ -20,7 +20,7 @@ from fakeapi import PkiFiles
 from kaptest import StartFake, kap_args, kap_process
 from loguru import logger
 
-from kap.sockets import already_listening, bind_listener
+from kap.sockets import already_listening, bind_listener, is_local_ip
 
 WARNING = "another socket already listens on this address and port"
 
@@ -133,3 +133,8 @@ async def test_a_second_kap_on_the_same_port_warns_and_the_first_did_not(
             assert line["listen"] == f"127.0.0.1:{free_port}"
         await trio.lowlevel.checkpoint()
         assert warned(first) == []
+
+
+def test_is_local_ip() -> None:
+    assert is_local_ip("127.0.0.1") and is_local_ip("127.0.0.2")
+    assert not is_local_ip("192.0.2.1")  # TEST-NET-1: no host has it
