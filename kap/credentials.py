@@ -213,10 +213,16 @@ class CredentialFiles:
     def _expiries(self) -> tuple[float | None, float | None]:
         if self._not_after is None:
             ca, cert = self._pems
-            self._not_after = (
-                pem_not_after(ca, earliest=True),
-                pem_not_after(cert, earliest=False),
-            )
+            try:
+                self._not_after = (
+                    pem_not_after(ca, earliest=True),
+                    pem_not_after(cert, earliest=False),
+                )
+            except (OSError, ImportError) as e:
+                # The parser is imported at the first ask; out of file descriptors
+                # that import fails. Unknown for now, asked again next time.
+                logger.bind(error=str(e)).debug("certificate expiry unknown for now")
+                return (None, None)
         return self._not_after
 
     @property
