@@ -3,7 +3,7 @@
 What runs (issue 11 section 4), for each setting (``default``: kap's default
 flags; ``fleet``: ``--readiness-interval=30s``):
 
-1. three fake apiservers (``tests/fakeapi.py``, in this process, sharing one
+1. three fake apiservers (``tests/fakeapi/``, in this process, sharing one
    store of EndpointSlices as apiservers share etcd) on 127.0.0.2-4 with one
    kernel-chosen port, serving the ``default/kubernetes`` slice that lists
    all three;
