@@ -20,6 +20,7 @@ once per connection.
 
 from __future__ import annotations
 
+import abc
 import heapq
 import itertools
 import math
@@ -41,7 +42,7 @@ CONNECT_TIMEOUT: Final = DialFailed(DialFailure.TIMEOUT, "connect timed out")
 UNANSWERED_HELD: Final = 1024
 
 
-class Deadlines:
+class Deadlines(abc.ABC):
     """A heap of ``[at, sequence, session]`` and the task that acts on passed ones.
 
     The sequence breaks ties, so sessions are never compared; :meth:`drop`
@@ -82,9 +83,9 @@ class Deadlines:
         self.count = 0
         self._wake_at = math.inf
 
+    @abc.abstractmethod
     def expire(self, session: Session, at: float, now: float) -> None:
         """``session``'s entry passed (``at``); it must drop it."""
-        raise NotImplementedError
 
     async def run(self) -> None:
         """Expire each entry that passed its time; beside the pump, until cancelled."""
