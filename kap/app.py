@@ -273,9 +273,12 @@ class App:
                 dial_timeout=c.dial_timeout,
                 discovery=self.discovery is not None,
             ).info("kap started")
+            self.started = True
             task_status.started(bound)
 
     _root: trio.Nursery | None = attrs.field(default=None, init=False)
+    # Set once kap serves: an error after it is a failure, not "cannot start".
+    started: bool = attrs.field(default=False, init=False)
     _discovered: trio.MemorySendChannel[list[Address]] | None = attrs.field(
         default=None, init=False
     )

@@ -108,16 +108,20 @@ def run(**values: Any) -> None:
     build_info()  # may ask git (in a checkout): here, not on the event loop; cached
     from kap.app import App  # after the flags: a bad flag exits before the heavy imports
 
+    app = App(config)
     failed: list[OSError] = []
     try:
-        trio.run(App(config).run)
+        trio.run(app.run)
     except* OSError as group:
         failed.extend(e for e in group.exceptions if isinstance(e, OSError))
     if failed:
         from loguru import logger
 
+        # Before "kap started" it is the bind (or a file) that failed; after,
+        # a part of the running kap did: the words say which.
+        what = "kap stopped on an error" if app.started else "kap cannot start"
         for err in failed:
-            logger.bind(error=err.strerror or str(err)).error("kap cannot start")
+            logger.bind(error=err.strerror or str(err)).error(what)
         sys.exit(1)
 
 

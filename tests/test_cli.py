@@ -336,3 +336,28 @@ async def test_without_a_ca_file_kap_never_sends_the_token(
     errors = [r for r in kap.lines if r["level"] == "error"]
     assert [r["error"] for r in errors] == [NO_CA]
     assert len(errors) == 1 and errors[0]["msg"].startswith(f"discovery is off: {NO_CA}. Give ")
+
+
+FAIL_AFTER_START = """
+import trio
+import kap.app
+
+async def _housekeeping(self, *, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep(0.3)
+    raise OSError(24, "Too many open files")
+
+kap.app.App._housekeeping = _housekeeping
+"""
+
+
+def test_an_error_after_the_start_is_not_called_a_failure_to_start(tmp_path: Path) -> None:
+    """One line, exit 1, and words that say kap ran: "stopped on an error", not "cannot start"."""
+    (tmp_path / "sitecustomize.py").write_text(FAIL_AFTER_START)  # loaded by the interpreter
+    out = run_kap(*kap_args("127.0.0.1:9"), env={"PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 1
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    assert "kap started" in [line["msg"] for line in lines]
+    errors = [(line["msg"], line["error"]) for line in lines if line["level"] == "error"]
+    assert errors == [("kap stopped on an error", "Too many open files")]
+    assert "Traceback" not in out.stderr
